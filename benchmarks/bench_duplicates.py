@@ -53,7 +53,7 @@ def timed(label: str, count: int, function, *args, **kwargs):
 def group_counts(groups: np.ndarray) -> str:
     "Summarise a group array as counts of groups, groups with copies and the largest group."
     sizes = np.bincount(groups)
-    return (f"{len(sizes)} groups, {(sizes > 1).sum()} with >1 image holding {sizes[sizes > 1].sum()} images, "
+    return (f"{len(sizes)} groups, {(sizes > 1).sum()} with >1 image containing {sizes[sizes > 1].sum()} images, "
             f"largest {sizes.max()}")
 
 
@@ -129,13 +129,13 @@ def main() -> None:
     default_data = Path(__file__).resolve().parents[1].parent / "shared" / "data"
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data", type=Path, default=default_data,
-                        help="folder holding busi/ and kaggle-busi-aug/ (default: ../shared/data from the repository)")
+                        help="folder containing busi/ and kaggle-busi-aug/ (default: ../shared/data from the repository)")
     parser.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE,
                         help=f"Hamming threshold in bits (default {DEFAULT_MAX_DISTANCE})")
     parser.add_argument("--hash-size", type=int, default=DEFAULT_HASH_SIZE,
-                        help=f"pHash side h; the hash has h*h bits (default {DEFAULT_HASH_SIZE})")
+                        help=f"pHash side h, giving an h*h-bit hash (default {DEFAULT_HASH_SIZE})")
     parser.add_argument("--out", type=Path, default=None,
-                        help="also write duplicates_report files under this folder (they show data: do not commit)")
+                        help="also write duplicates_report files under this folder; they show patient images, so do not commit them")
     args = parser.parse_args()
 
     print(f"bench_duplicates: hash_size={args.hash_size}, max_distance={args.max_distance}, "
@@ -149,7 +149,7 @@ def main() -> None:
         found = True
         run(name, folder, args.max_distance, args.hash_size, args.out)
     if not found:
-        raise SystemExit(f"No data set found under {args.data}; pass --data with the folder holding busi/ "
+        raise SystemExit(f"No data set found under {args.data}. Pass --data with the folder containing busi/ "
                          "and kaggle-busi-aug/.")
 
 

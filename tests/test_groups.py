@@ -21,14 +21,14 @@ DATA = Path(os.environ.get("BCEMBED_DATA", Path(__file__).resolve().parents[1].p
 BUSI = DATA / "busi"
 KAGGLE = DATA / "kaggle-busi-aug"
 
-# Six BUSI images that have no near-duplicate in BUSI; benign (102) is one of the RGB files with a colour overlay.
+# Six BUSI images without a near-duplicate in BUSI. Benign (102) is one of the RGB files with a colour overlay.
 DISTINCT_SOURCES = ["benign/benign (100).png", "benign/benign (102).png", "malignant/malignant (1).png",
                     "malignant/malignant (100).png", "normal/normal (10).png", "normal/normal (100).png"]
 
 
 def require(folder: Path) -> None:
     if not folder.is_dir():
-        pytest.skip(f"real data not found at {folder}; set BCEMBED_DATA to the folder holding busi/ and kaggle-busi-aug/")
+        pytest.skip(f"real data not found at {folder}. Set BCEMBED_DATA to the folder containing busi/ and kaggle-busi-aug/.")
 
 
 def to_224(image: Image.Image) -> np.ndarray:
@@ -43,7 +43,7 @@ def jpeg(image: Image.Image, quality: int) -> Image.Image:
     return Image.open(buffer).convert("RGB")
 
 
-# Edits applied to the full-resolution file; each result is then decoded at 224 like a real copy.
+# Edits applied to the full-resolution file. Each result is then decoded at 224 like a real copy.
 EDITS = {
     "rotate 90": lambda im: im.transpose(Image.Transpose.ROTATE_90),
     "rotate 180": lambda im: im.transpose(Image.Transpose.ROTATE_180),
