@@ -55,7 +55,9 @@ def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset())
             parser.add_argument(flag, type=_parse_optional(kind) if "None" in str(f.type) else kind, default=default, help=help_text)
         else:
             kind = int if f.type in ("int | None",) else str
-            parser.add_argument(flag, type=_parse_optional(kind), default=default, help=help_text)
+            # Only optional fields read "none" as None: group_by="none" is a value of its own.
+            parse = _parse_optional(kind) if "None" in str(f.type) else kind
+            parser.add_argument(flag, type=parse, default=default, help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> Config:

@@ -17,6 +17,7 @@ from sklearn.decomposition import PCA
 from sklearn.manifold import TSNE
 from sklearn.metrics import silhouette_score
 from sklearn.utils.validation import check_array, check_is_fitted
+from threadpoolctl import threadpool_limits
 
 from .core import logger
 
@@ -235,7 +236,11 @@ def tsne_map(X,  # points, shape (n_samples, n_features), n_samples >= 2
         perplexity = limit
     init = "pca" if X.shape[1] >= 2 else "random"  # PCA initialisation needs 2 input features
     tsne = TSNE(n_components=2, perplexity=perplexity, init=init, random_state=random_state)
-    return tsne.fit_transform(X).astype(np.float64)
+    # Many short OpenMP steps wait on descheduled threads on a busy machine: 11 points took 0.1-37 s with the
+    # default threads and 0.04-0.09 s with one (2 cores, load average about 4).
+    # NOTE: the 1000-sample cut-off is a guess; only 11 points were measured.
+    with threadpool_limits(1 if n_samples < 1000 else None, user_api="openmp"):
+        return tsne.fit_transform(X).astype(np.float64)
 
 # %% ../nbs/06_clustering.ipynb #8cdcf333
 NOISE_COLOUR = "#9e9e9e"  # grey for HDBSCAN noise points

@@ -106,7 +106,7 @@ class Config:
             fail("margin", "ArcFace needs an angle in radians in [0, pi/2)")
         if self.loss == "cosface" and not 0 <= self.margin < 1:
             fail("margin", "CosFace needs a cosine margin in [0, 1)")
-        if not self.scale > 0:
+        if not (np.isfinite(self.scale) and self.scale > 0):
             fail("scale", "use a positive logit scale such as 30")
         if self.batch_size < 2:
             fail("batch_size", "use at least 2 (batch norm needs two samples)")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import pickle
 import platform
 import time
 from pathlib import Path
@@ -20,21 +21,25 @@ import bcembed
 from .clustering import EmbeddingReducer, HDBSCANClusterer, SilhouetteKMeans, tsne_map
 from .core import (Config, atomic_torch_save, atomic_write_json, atomic_write_text, default_cache_dir, logger,
                           set_threads)
-from .data import balance, load_images, scan_folder
+from .data import balance_index, load_images, scan_folder
+from .losses import make_head
 from .groups import make_folds, source_groups
 from .metrics import clustering_scores, format_table, summarize_folds
-from .model import N_BLOCKS
+from .model import N_BLOCKS, EmbeddingNet
 from .training import (cached_bank, create_model, distributed_context, embed, init_distributed, train_embedding,
                                training_device)
 
 # %% auto #0
-__all__ = ['RUNTIME_KEYS', 'METRIC_KEYS', 'check_against_data', 'cluster_embeddings', 'run_fold', 'prepare_output', 'save_fold',
-           'load_fold', 'prepare_data', 'write_assignments', 'run_crossval', 'write_results', 'write_figures']
+__all__ = ['RUNTIME_KEYS', 'FOLD_CHECKPOINT_KEYS', 'METRIC_KEYS', 'check_against_data', 'cluster_embeddings', 'run_fold',
+           'prepare_output', 'save_fold', 'load_fold_model', 'load_fold', 'prepare_data', 'write_assignments',
+           'run_crossval', 'write_results', 'write_figures']
 
 # %% ../nbs/08_crossval.ipynb #ba44a366
-def check_against_data(cfg: Config, n_images: int) -> None:
+def check_against_data(cfg: Config, n_images: int,
+                       smallest_fold: int | None = None,  # images in the smallest held-out fold; None estimates n_images // folds
+                       ) -> None:
     "Raise `ValueError` when `cfg` cannot run on `n_images` pooled images; K-Means and PCA limits depend on fold size."
-    held_out = n_images // cfg.folds
+    held_out = n_images // cfg.folds if smallest_fold is None else smallest_fold
     if held_out < 3:
         raise ValueError(f"folds={cfg.folds} leaves {held_out} image(s) per held-out fold from {n_images} images; "
                          f"use folds <= {max(2, n_images // 3)}.")
@@ -132,6 +137,39 @@ def save_fold(out: Path, record: dict) -> None:
         "seconds": record["seconds"]})
 
 
+FOLD_CHECKPOINT_KEYS = ("fold", "head", "model")
+
+
+def load_fold_model(path: str | Path,  # a models/fold_NN.pt file written by save_fold
+                    cfg: Config,  # the run's configuration: embedding_dim, head_hidden, dropout, loss, margin, scale, classes
+                    device: str | torch.device = "cpu",
+                    ) -> tuple:
+    "Rebuild a fold's embedding network and margin head from its checkpoint; return (model, head) in eval mode."
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"Fold checkpoint {str(path)!r} does not exist; a finished fold writes "
+                                "<output_dir>/models/fold_NN.pt.")
+    try:
+        saved = torch.load(path, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+        raise ValueError(f"{str(path)!r} is not a bcembed fold checkpoint: torch.load(weights_only=True) failed "
+                         f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}).") from error
+    if not isinstance(saved, dict) or not set(FOLD_CHECKPOINT_KEYS) <= set(saved):
+        found = sorted(saved)[:5] if isinstance(saved, dict) else type(saved).__name__
+        raise ValueError(f"{str(path)!r} is not a bcembed fold checkpoint: expected a dict with keys "
+                         f"{list(FOLD_CHECKPOINT_KEYS)}, found {found}.")
+    model = EmbeddingNet(cfg.embedding_dim, cfg.head_hidden, cfg.dropout, weights=None)
+    head = make_head(cfg.loss, cfg.embedding_dim, len(cfg.classes), cfg.margin, cfg.scale)
+    try:
+        model.load_state_dict(saved["model"])
+        head.load_state_dict(saved["head"])
+    except RuntimeError as error:
+        raise ValueError(f"Fold checkpoint {str(path)!r} does not fit the configuration (embedding_dim="
+                         f"{cfg.embedding_dim}, head_hidden={cfg.head_hidden}, loss={cfg.loss!r}, {len(cfg.classes)} "
+                         f"classes): {str(error).splitlines()[0]}") from error
+    return model.to(device).eval(), head.to(device).eval()
+
+
 def load_fold(out: Path, fold: int) -> dict | None:
     "Return a finished fold's saved record, or None when the fold has not finished."
     meta_file, arrays_file = out / "folds" / f"fold_{fold:02d}.json", out / "folds" / f"fold_{fold:02d}.npz"
@@ -145,13 +183,18 @@ def load_fold(out: Path, fold: int) -> dict | None:
 # %% ../nbs/08_crossval.ipynb #9ce3df2d
 def prepare_data(cfg: Config, progress: bool = True) -> dict:
     "Scan, balance and decode the images of `cfg`, compute source groups and the fold of every image."
-    table = balance(scan_folder(cfg.data_dir, cfg.classes), cfg.per_class, cfg.seed)
-    loaded = load_images(table, cfg.image_size, cfg.cache_dir)
-    table, images = loaded.table, loaded.images
+    loaded = load_images(scan_folder(cfg.data_dir, cfg.classes), cfg.image_size, cfg.cache_dir)
+    # Balancing the readable images, not the scanned files, keeps an unreadable file from unbalancing the classes.
+    keep = balance_index(loaded.table, cfg.per_class, cfg.seed)
+    table = loaded.table.subset(keep)
+    images = loaded.images if len(keep) == len(loaded.table) else np.asarray(loaded.images[keep])
     check_against_data(cfg, len(table))
-    paths = table.paths
-    groups = source_groups(paths, images) if cfg.group_by == "source" else np.arange(len(table))
-    folds = make_folds(table.labels, groups if cfg.group_by == "source" else None, cfg.folds, cfg.seed)
+    groups = source_groups(table.paths, images) if cfg.group_by == "source" else np.arange(len(table))
+    # Class names instead of label numbers, so that an error of make_folds names the class.
+    folds = make_folds(np.asarray(table.class_names)[table.labels], groups if cfg.group_by == "source" else None,
+                       cfg.folds, cfg.seed)
+    # Grouped folds differ in size; the K-Means range must fit the smallest one.
+    check_against_data(cfg, len(table), smallest_fold=int(np.bincount(folds, minlength=cfg.folds).min()))
     return {"table": table, "images": images, "skipped": loaded.skipped, "groups": groups, "folds": folds}
 
 

@@ -27,8 +27,9 @@ from .model import (N_BLOCKS, EmbeddingNet, frozen_prefix_length, set_train_mode
                            set_trainable_blocks)
 
 # %% auto #0
-__all__ = ['FeatureBank', 'bank_key', 'build_bank', 'create_model', 'cached_bank', 'validation_split', 'autocast_context',
-           'distributed_context', 'init_distributed', 'training_device', 'TrainResult', 'train_embedding', 'embed']
+__all__ = ['FeatureBank', 'bank_key', 'build_bank', 'create_model', 'bank_checksum', 'cached_bank', 'validation_split',
+           'autocast_context', 'distributed_context', 'init_distributed', 'training_device', 'TrainResult',
+           'train_embedding', 'embed']
 
 # %% ../nbs/05_training.ipynb #b8e95b27
 @dataclass
@@ -107,6 +108,19 @@ def _weights_id(cfg: Config) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()[:16]
 
 
+def _weights_finite(*modules: nn.Module) -> bool:
+    "Tell whether every floating-point parameter and buffer of `modules` is finite."
+    return all(bool(torch.isfinite(t).all()) for m in modules for t in m.state_dict().values() if t.is_floating_point())
+
+
+def bank_checksum(bank: FeatureBank) -> str:
+    "Return a BLAKE2b hex digest of the bank's tensors."
+    digest = hashlib.blake2b(digest_size=16)
+    for tensor in (bank.clean, bank.views, bank.pooled):
+        digest.update(tensor.contiguous().view(torch.uint8).numpy())
+    return digest.hexdigest()
+
+
 def cached_bank(cfg: Config,  # run configuration: unfreeze_blocks, bank_views, seed, rotation, zoom, weights
                 images: np.ndarray,  # uint8 N x H x W x 3
                 device: torch.device | str = "cpu",
@@ -124,13 +138,17 @@ def cached_bank(cfg: Config,  # run configuration: unfreeze_blocks, bank_views, 
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
             bank = FeatureBank(saved["stop"], saved["clean"], saved["views"], saved["pooled"])
             if len(bank.clean) == len(images) and bank.stop == stop and bank.n_views == cfg.bank_views:
-                logger.info("Loaded the feature bank from %s", path)
-                return bank
-            logger.warning("Feature bank %s does not fit the images; rebuilding it.", path)
+                if saved.get("checksum") == bank_checksum(bank):
+                    logger.info("Loaded the feature bank from %s", path)
+                    return bank
+                logger.warning("Feature bank %s does not match its checksum (corrupted or partly written); rebuilding it.", path)
+            else:
+                logger.warning("Feature bank %s does not fit the images; rebuilding it.", path)
         except (OSError, RuntimeError, KeyError, EOFError) as error:
             logger.warning("Feature bank %s is unreadable (%s); rebuilding it.", path, error)
     bank = build()
-    atomic_torch_save(path, {"stop": bank.stop, "clean": bank.clean, "views": bank.views, "pooled": bank.pooled})
+    atomic_torch_save(path, {"stop": bank.stop, "clean": bank.clean, "views": bank.views, "pooled": bank.pooled,
+                             "checksum": bank_checksum(bank)})
     return bank
 
 # %% ../nbs/05_training.ipynb #46127979
@@ -300,6 +318,14 @@ class _Trainer:
                                    "seconds": time.perf_counter() - started})
             bar.set_postfix(train=f"{train_loss:.3f}", val=f"{val_loss:.3f}")
             score = val_loss if len(self.val) else train_loss
+            if not _weights_finite(model, head):
+                # The epoch's losses were computed before its last step, so they cannot show that the step overflowed.
+                kept = (f"the weights of the epoch with validation loss {best[0]:.4f}" if math.isfinite(best[0])
+                        else "the weights the phase started with")
+                result.notes.append(f"phase {phase} epoch {epoch}: non-finite weights after the last step; "
+                                    f"stopped the phase and kept {kept}")
+                logger.warning(result.notes[-1])
+                break
             if score < best[0]:
                 best, stale = (score, copy.deepcopy(model.state_dict()), copy.deepcopy(head.state_dict())), 0
             else:
