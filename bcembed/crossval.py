@@ -44,7 +44,7 @@ def check_against_data(cfg: Config, n_images: int,
         raise ValueError(f"folds={cfg.folds} leaves {held_out} image(s) per held-out fold from {n_images} images; "
                          f"use folds <= {max(2, n_images // 3)}.")
     if cfg.k_min > held_out - 1:
-        raise ValueError(f"k_min={cfg.k_min} needs more than {cfg.k_min} images per held-out fold, which holds about "
+        raise ValueError(f"k_min={cfg.k_min} needs more than {cfg.k_min} images per held-out fold, which contains about "
                          f"{held_out}; use k_min <= {held_out - 1} or fewer folds.")
     if cfg.pca_components > cfg.embedding_dim:
         raise ValueError(f"pca_components={cfg.pca_components} exceeds embedding_dim={cfg.embedding_dim}; "
@@ -99,7 +99,7 @@ def prepare_output(cfg: Config) -> Path:
         current = cfg.to_dict()
         differing = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_KEYS and saved.get(k) != current.get(k))
         if differing:
-            raise ValueError(f"Output folder {str(out)!r} holds a run with a different configuration "
+            raise ValueError(f"Output folder {str(out)!r} contains a run with a different configuration "
                              f"({', '.join(f'{k}: {saved.get(k)!r} there, {current.get(k)!r} now' for k in differing)}); "
                              "choose another output_dir, or delete the folder to start over.")
         logger.info("Resuming the run in %s", out)
@@ -327,7 +327,12 @@ def write_figures(cfg: Config, out: Path, table, records: list) -> None:
             colours = np.asarray(colour_of(r))
             for value in np.unique(colours):
                 pick = colours == value
-                label = (table.class_names[value] if name == "truth" else "noise" if value == -1 else f"cluster {value}")
+                if name == "truth":
+                    label = table.class_names[value]
+                elif value == -1:
+                    label = "noise"
+                else:
+                    label = f"cluster {value}"
                 ax.scatter(points[pick, 0], points[pick, 1], s=6, color="0.7" if value == -1 else f"C{value % 10}", label=label)
             ax.set_title(f"fold {r['fold']}", fontsize=9); ax.set_xticks([]); ax.set_yticks([])
         for ax in axes[len(records):]:
