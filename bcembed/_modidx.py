@@ -240,6 +240,7 @@ d = { 'settings': { 'branch': 'main',
                                   'bcembed.training.distributed_context': ('training.html#distributed_context', 'bcembed/training.py'),
                                   'bcembed.training.embed': ('training.html#embed', 'bcembed/training.py'),
                                   'bcembed.training.init_distributed': ('training.html#init_distributed', 'bcembed/training.py'),
+                                  'bcembed.training.torch_threads': ('training.html#torch_threads', 'bcembed/training.py'),
                                   'bcembed.training.train_embedding': ('training.html#train_embedding', 'bcembed/training.py'),
                                   'bcembed.training.training_device': ('training.html#training_device', 'bcembed/training.py'),
                                   'bcembed.training.validation_split': ('training.html#validation_split', 'bcembed/training.py')}}}
