@@ -18,7 +18,7 @@ from pathlib import Path
 from .core import Config, logger, set_threads, setup_logging
 
 # %% auto #0
-__all__ = ['EXIT_OK', 'EXIT_FAILURE', 'EXIT_BAD_INPUT', 'BAD_INPUT_ERRORS', 'config_help', 'add_config_options',
+__all__ = ['EXIT_OK', 'EXIT_FAILURE', 'EXIT_BAD_INPUT', 'BAD_INPUT_ERRORS', 'config_help', 'parse_bool', 'add_config_options',
            'config_from_args', 'experiment_notebook', 'run_crossval_command', 'run_train_command', 'add_train_parser',
            'run_cluster_command', 'add_cluster_parser', 'run_duplicates_command', 'add_duplicates_parser',
            'build_parser', 'main']
@@ -37,6 +37,16 @@ def _parse_optional(kind):
     return parse
 
 
+def parse_bool(text: str) -> bool:
+    "Parse a command-line boolean: true/false, yes/no, 1/0 (any case); raise on anything else."
+    value = text.strip().lower()
+    if value in ("1", "true", "yes"):
+        return True
+    if value in ("0", "false", "no"):
+        return False
+    raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
+
+
 def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset()) -> None:
     "Add one `--option` per `Config` field to `parser`, with its help, type and default."
     comments = config_help()
@@ -49,7 +59,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset())
         if f.name == "classes":
             parser.add_argument(flag, nargs="+", default=list(default), help=help_text)
         elif isinstance(default, bool):
-            parser.add_argument(flag, type=lambda s: s.lower() in ("1", "true", "yes"), default=default, help=help_text)
+            parser.add_argument(flag, type=parse_bool, default=default, help=help_text)
         elif isinstance(default, (int, float)) and default is not None:
             kind = type(default)
             parser.add_argument(flag, type=_parse_optional(kind) if "None" in str(f.type) else kind, default=default, help=help_text)
@@ -90,8 +100,12 @@ def run_crossval_command(args: argparse.Namespace) -> int:
         notebook = experiment_notebook("crossval")
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
-        parameters = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()
-                      if k in _notebook_parameters(notebook)}
+        accepted = _notebook_parameters(notebook)
+        unknown = sorted(set(cfg.to_dict()) - accepted)
+        if unknown:
+            raise RuntimeError(f"The experiment notebook {notebook} has no parameters {unknown}; add them to its "
+                               "parameters cell, or use --no-notebook.")
+        parameters = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
         try:
             papermill.execute_notebook(str(notebook), str(out / "crossval.ipynb"), parameters=parameters,
                                        kernel_name="python3", progress_bar=False, log_output=True)
@@ -103,8 +117,8 @@ def run_crossval_command(args: argparse.Namespace) -> int:
         summary = json.loads((out / "summary.json").read_text())
     km, hd = summary["kmeans"], summary["hdbscan"]
     print(f"K-Means accuracy {km['accuracy']['mean']:.3f} ± {km['accuracy']['std']:.3f}, "
-          f"HDBSCAN accuracy {hd['accuracy']['mean']:.3f} ± {hd['accuracy']['std']:.3f} over {summary['folds']} folds; "
-          f"results in {cfg.output_dir}")
+          f"HDBSCAN accuracy {hd['accuracy']['mean']:.3f} ± {hd['accuracy']['std']:.3f} "
+          f"(noise fraction {hd['noise_fraction']['mean']:.2f}) over {summary['folds']} folds; results in {cfg.output_dir}")
     return EXIT_OK
 
 

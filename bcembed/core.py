@@ -19,8 +19,7 @@ import torch
 
 # %% auto #0
 __all__ = ['logger', 'setup_logging', 'Config', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'seed_everything', 'usable_cores', 'set_threads', 'default_workers', 'pick_device',
-           'default_cache_dir']
+           'atomic_torch_save', 'seed_everything', 'usable_cores', 'set_threads', 'pick_device', 'default_cache_dir']
 
 # %% ../nbs/00_core.ipynb #4f57c919
 logger = logging.getLogger("bcembed")
@@ -44,12 +43,12 @@ class Config:
     data_dir: str = "../shared/data/busi"  # folder of class sub-folders (any depth), or a CSV manifest with path,label columns
     classes: tuple = ("benign", "malignant")  # class folder names to use, in label order
     per_class: int | None = None  # images kept per class after seeded downsampling; None keeps the smallest class's size
-    folds: int = 10  # K of the K-fold cross-validation, >= 2
+    folds: int = 10  # K of the K-fold cross-validation, at least 2
     group_by: str = "source"  # "source": copies of one image stay in one fold; "none": the paper's random split
     seed: int = 0  # seed for sampling, folds, augmentation and training
     image_size: int = 224  # side of the square input in pixels
     weights: str | None = "imagenet"  # None, "imagenet", or a path to a state dict file
-    weights_path: str | None = "../shared/weights/mobilenet_v3_small_imagenet1k_v1_features.pth"  # local ImageNet file for weights="imagenet"
+    weights_path: str | None = "../shared/weights/mobilenet_v3_small_imagenet1k_v1_features.pth"  # local ImageNet file, used when weights is "imagenet"
     embedding_dim: int = 64  # size of the learned embedding
     head_hidden: int = 256  # width of the projection head's hidden layer
     dropout: float = 0.2  # dropout before the embedding layer, in [0, 1)
@@ -67,19 +66,18 @@ class Config:
     val_fraction: float = 0.1  # share of the training folds held back for early stopping, in [0, 0.5)
     patience: int = 5  # epochs without validation improvement before a phase stops
     mode: str = "cached"  # "cached": reuse frozen-backbone activations; "plain": full forward pass every step
-    bank_views: int = 4  # augmented views per image cached for phase 2 (cached mode), >= 1
+    bank_views: int = 4  # augmented views per image cached for phase 2 (cached mode), at least 1
     rotation: float = 15.0  # maximum random rotation in degrees
     zoom: float = 0.15  # maximum random zoom, as a fraction of the side
     pca_components: int = 16  # PCA size after L2 normalisation; clipped to what the data allows with a warning
     k_min: int = 2  # smallest K-Means k tried
     k_max: int = 10  # largest K-Means k tried
-    hdbscan_min_cluster_size: int = 10  # HDBSCAN min_cluster_size, >= 2
+    hdbscan_min_cluster_size: int = 10  # smallest HDBSCAN cluster, in images, at least 2
     hdbscan_min_samples: int | None = None  # HDBSCAN min_samples; None uses min_cluster_size
     tsne_perplexity: float = 30.0  # t-SNE perplexity; lowered to fit small folds
     output_dir: str = "runs/busi-benign-malignant"  # folder for every file of the run
     cache_dir: str | None = None  # image and activation cache; None uses ~/.cache/bcembed or $BCEMBED_CACHE
     device: str = "auto"  # "auto", "cuda", "mps" or "cpu"
-    num_workers: int | None = None  # DataLoader workers; None picks from the machine
 
     def check(self) -> "Config":
         "Raise `ValueError` naming the first invalid value and its valid range; return self when all are valid."
@@ -233,11 +231,6 @@ def set_threads(threads: int | None = None,  # torch intra-op threads; None shar
     threads = threads or max(1, usable_cores() // local_processes)
     torch.set_num_threads(threads)
     return threads
-
-
-def default_workers() -> int:
-    "Return a DataLoader worker count: one per usable core beyond the first, at most 8."
-    return min(8, max(0, usable_cores() - 1))
 
 
 def pick_device(request: str = "auto",  # "auto", "cuda", "mps" or "cpu"

@@ -80,7 +80,7 @@ def run_fold(cfg: Config, fold: int, folds: np.ndarray, labels: np.ndarray, imag
             "history": result.history, "notes": result.notes, "seconds": time.perf_counter() - started, **clusters}
 
 # %% ../nbs/08_crossval.ipynb #0ffe6a49
-RUNTIME_KEYS = {"output_dir", "cache_dir", "device", "num_workers"}  # keys a resumed run may change
+RUNTIME_KEYS = {"output_dir", "cache_dir", "device", "num_workers"}  # keys a resumed run may change (num_workers: older runs)
 
 
 def _versions() -> dict:
@@ -222,6 +222,7 @@ def run_crossval(cfg: Config,  # the run's configuration
     rank, world = init_distributed()
     started = time.perf_counter()
     data = prepare_data(cfg, progress)
+    create_model(cfg)  # fails on missing weights before the output folder is written
     if rank == 0:
         out = prepare_output(cfg)
         write_assignments(out, data)

@@ -42,7 +42,7 @@ def load_features_state(weights: str | Path | None,  # None, "imagenet", or a st
             from torchvision.models import MobileNet_V3_Small_Weights
             state = MobileNet_V3_Small_Weights.IMAGENET1K_V1.get_state_dict(progress=False)
         except Exception as error:  # any download failure: no network, proxy, certificate
-            raise RuntimeError(
+            raise FileNotFoundError(
                 f"ImageNet weights are not available: the local file {str(weights_path)!r} does not exist and "
                 f"torchvision's download failed ({type(error).__name__}: {error}). Save the state dict of "
                 "torchvision's MobileNet_V3_Small_Weights.IMAGENET1K_V1 (or just its features.* tensors) to a file "

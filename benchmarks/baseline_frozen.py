@@ -34,12 +34,14 @@ def main() -> None:
     parser.add_argument("--folds", type=int, default=10)
     parser.add_argument("--per-class", type=int, default=None)
     parser.add_argument("--cache-dir", default=None)
+    parser.add_argument("--unfreeze-blocks", type=int, default=4,
+                        help="only selects which cached feature bank to reuse; the pooled features are the same")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
     set_threads()
     started = time.perf_counter()
     cfg = Config(data_dir=args.data, weights_path=args.weights, group_by=args.group_by, folds=args.folds,
-                 per_class=args.per_class, cache_dir=args.cache_dir).check()
+                 per_class=args.per_class, cache_dir=args.cache_dir, unfreeze_blocks=args.unfreeze_blocks).check()
     data = prepare_data(cfg, progress=False)
     features = cached_bank(cfg, data["images"]).pooled[:, 0].numpy()
     labels, folds = data["table"].labels, data["folds"]

@@ -66,3 +66,14 @@ def test_crossval_notebook_on_busi(tmp_path, busi_dir, weights_file):
             scores = clustering_scores([row["label"] for row in part], [int(row[f"{method}_cluster"]) for row in part])
             for name in ("accuracy", "f1", "ari", "nmi"):
                 assert math.isclose(scores[name], float(table[fold][name]), abs_tol=1e-9), (method, fold, name)
+
+
+def test_notebook_parameters_cover_config():
+    import dataclasses
+
+    import papermill.inspection
+
+    from bcembed.core import Config
+    parameters = set(papermill.inspection.inspect_notebook(str(REPO / "nbs" / "experiments" / "crossval.ipynb")))
+    fields = {f.name for f in dataclasses.fields(Config)}
+    assert fields - parameters == set(), f"Config fields missing from the notebook's parameters: {fields - parameters}"
