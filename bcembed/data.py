@@ -463,10 +463,11 @@ def to_model_input(images: np.ndarray | torch.Tensor,  # uint8 N x H x W x 3
         array = np.asarray(images)
         # torch warns on read-only arrays (a memory-mapped cache); the batch is copied by .float() anyway.
         x = torch.from_numpy(array if array.flags.writeable else array.copy())
-    x = x.permute(0, 3, 1, 2).float().div_(255)
-    mean = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
-    return (x - mean) / std
+    # (x / 255 - mean) / std as one multiply and one subtract, in place on a contiguous NCHW copy.
+    scale = (1 / (255 * torch.tensor(IMAGENET_STD))).view(1, 3, 1, 1)
+    shift = (torch.tensor(IMAGENET_MEAN) / torch.tensor(IMAGENET_STD)).view(1, 3, 1, 1)
+    x = x.permute(0, 3, 1, 2).to(torch.float32, memory_format=torch.contiguous_format)
+    return x.mul_(scale).sub_(shift)
 
 
 def augment_batch(x: torch.Tensor,  # float N x C x H x W batch (already normalised)
