@@ -47,6 +47,17 @@ def parse_bool(text: str) -> bool:
     raise argparse.ArgumentTypeError(f"invalid boolean {text!r}: use true or false")
 
 
+def _command_line_value(value) -> str:
+    "Write a default the way it is typed on the command line: none, true/false, space-separated lists."
+    if value is None:
+        return "none"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (tuple, list)):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
 def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset()) -> None:
     "Add one `--option` per `Config` field to `parser`, with its help, type and default."
     comments = config_help()
@@ -55,7 +66,7 @@ def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset())
             continue
         default = f.default
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{comments.get(f.name, '')} (default: {default!r})".replace("%", "%%")
+        help_text = f"{comments.get(f.name, '')} (default: {_command_line_value(default)})".replace("%", "%%")
         if f.name == "classes":
             parser.add_argument(flag, nargs="+", default=list(default), help=help_text)
         elif isinstance(default, bool):
