@@ -487,7 +487,7 @@ def test_infinite_scale_rejected(two_classes, tmp_path, no_training, scale):
      "per_class=9 exceeds the images of class(es) {{'benign': 8, 'malignant': 8}}; use per_class <= 8 or None for "
      "the smallest class's size."),
     ({"k_min": 8, "k_max": 8},
-     "k_min=8 needs more than 8 images per held-out fold, which holds about 8; use k_min <= 7 or fewer folds."),
+     "k_min=8 needs more than 8 images per held-out fold, which contains about 8; use k_min <= 7 or fewer folds."),
     ({"pca_components": 80}, "pca_components=80 exceeds embedding_dim=64; use pca_components <= 64."),
     ({"folds": 6}, "folds=6 leaves 2 image(s) per held-out fold from 16 images; use folds <= 5."),
 ])

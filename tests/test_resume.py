@@ -175,7 +175,7 @@ def test_changed_configuration_rejected(runs):
 
     changed = Config(**{**runs["interrupted"].to_dict(), "classes": ("benign", "malignant"), "margin": 0.3})
     before = {p: p.stat().st_mtime_ns for p in Path(changed.output_dir).rglob("*")}
-    with pytest.raises(ValueError, match=r"holds a run with a different configuration \(margin: 0.5 there, 0.3 now\)"):
+    with pytest.raises(ValueError, match=r"contains a run with a different configuration \(margin: 0.5 there, 0.3 now\)"):
         run_crossval(changed, progress=False)
     assert {p: p.stat().st_mtime_ns for p in Path(changed.output_dir).rglob("*")} == before
 
