@@ -218,7 +218,8 @@ def run_cluster_command(args: argparse.Namespace) -> int:
     sizes = ", ".join(f"{'noise' if label == 'noise' else 'cluster ' + label}: {n}"
                       for label, n in summary["hdbscan"]["clusters"].items())
     print(f"  HDBSCAN: {sizes}")
-    print(f"Report in {args.output}: assignments.csv, clusters.csv, clusters.json, map.png, sheets/")
+    skipped_file = "skipped.csv, " if summary["skipped_count"] else ""
+    print(f"Report in {args.output}: assignments.csv, {skipped_file}clusters.csv, clusters.json, map.png, sheets/")
     return EXIT_OK
 
 

@@ -44,7 +44,7 @@ class Config:
     classes: tuple = ("benign", "malignant")  # class folder names to use, in label order
     per_class: int | None = None  # images kept per class after seeded downsampling; None keeps the smallest class's size
     folds: int = 10  # K of the K-fold cross-validation, at least 2
-    group_by: str = "source"  # "source": copies of one image stay in one fold; "none": the paper's random split
+    group_by: str = "source"  # "source": copies of one image stay in one fold; "none": random stratified split, as the published method used
     seed: int = 0  # seed for sampling, folds, augmentation and training
     image_size: int = 224  # side of the square input in pixels
     weights: str | None = "imagenet"  # None, "imagenet", or a path to a state dict file

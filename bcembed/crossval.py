@@ -49,7 +49,8 @@ def check_against_data(cfg: Config, n_images: int,
     if cfg.pca_components > cfg.embedding_dim:
         raise ValueError(f"pca_components={cfg.pca_components} exceeds embedding_dim={cfg.embedding_dim}; "
                          f"use pca_components <= {cfg.embedding_dim}.")
-    if cfg.k_max > held_out - 1:
+    # prepare_data calls this twice, first with the estimate, then with the real smallest fold: warn once, on the second.
+    if smallest_fold is not None and cfg.k_max > held_out - 1:
         logger.warning("k_max=%d exceeds what a held-out fold of about %d images allows; K-Means tries k up to %d.",
                        cfg.k_max, held_out, held_out - 1)
 

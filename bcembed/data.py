@@ -114,7 +114,7 @@ def scan_folder(root: str | Path,  # data folder: class folders at any depth, or
     if root.is_file() and root.suffix.lower() == ".csv":
         return read_manifest(root, classes)
     if not root.exists():
-        raise FileNotFoundError(f"Data folder {str(root)!r} does not exist; pass the folder that holds the class "
+        raise FileNotFoundError(f"Data folder {str(root)!r} does not exist; pass the folder that contains the class "
                                 "folders (for example ../shared/data/busi) or a CSV manifest with path,label columns.")
     if not root.is_dir():
         raise NotADirectoryError(f"Data path {str(root)!r} is neither a folder nor a .csv manifest.")

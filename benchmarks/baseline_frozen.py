@@ -1,9 +1,9 @@
 """Reference scores without training: frozen ImageNet features under the same folds as a bcembed run.
 
-For each fold, pooled MobileNetV3-Small features (view 0 of the feature bank, no augmentation) of the training
-folds fit a logistic regression that is scored on the held-out fold (a supervised ceiling for a linear read-out),
-and the held-out features are clustered with the same L2 + PCA + K-Means step as the trained embeddings (what
-clustering gets without learning). Usage:
+For each fold, a logistic regression is fitted on pooled MobileNetV3-Small features of the training folds (view 0
+of the feature bank, no augmentation) and scored on the held-out fold. It is a supervised reference for a linear
+read-out. The held-out features are also clustered with the same L2 + PCA + K-Means step as trained embeddings,
+which shows what clustering gets without learning. Usage:
 
   python benchmarks/baseline_frozen.py --data ../shared/data/busi --group-by source
   python benchmarks/baseline_frozen.py --data ../shared/data/kaggle-busi-aug --group-by none
@@ -38,6 +38,7 @@ def main() -> None:
                         help="only selects which cached feature bank to reuse; the pooled features are the same")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
+
     set_threads()
     started = time.perf_counter()
     cfg = Config(data_dir=args.data, weights_path=args.weights, group_by=args.group_by, folds=args.folds,
@@ -45,6 +46,7 @@ def main() -> None:
     data = prepare_data(cfg, progress=False)
     features = cached_bank(cfg, data["images"]).pooled[:, 0].numpy()
     labels, folds = data["table"].labels, data["folds"]
+
     rows = []
     for fold in range(cfg.folds):
         train, test = folds != fold, folds == fold
@@ -52,6 +54,7 @@ def main() -> None:
         clusters = cluster_embeddings(cfg, features[test], labels[test])
         rows.append({"logistic_accuracy": float(probe.score(features[test], labels[test])),
                      "kmeans_accuracy": clusters["kmeans_scores"]["accuracy"], "kmeans_ari": clusters["kmeans_scores"]["ari"]})
+
     summary = summarize_folds(rows, ("logistic_accuracy", "kmeans_accuracy", "kmeans_ari"))
     result = {"data": args.data, "group_by": args.group_by, "folds": cfg.folds, "images": int(len(labels)),
               "seconds": time.perf_counter() - started, **summary}

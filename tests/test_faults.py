@@ -553,7 +553,7 @@ def test_k_min_checked_against_smallest_fold(busi_dir, tmp_path, no_training):
 
 
 def test_k_max_beyond_fold_is_clipped_with_warning(bcembed_warnings):
-    check_against_data(Config(folds=2, k_max=50), 16)
+    check_against_data(Config(folds=2, k_max=50), 16, smallest_fold=8)
     assert "k_max=50 exceeds what a held-out fold of about 8 images allows; K-Means tries k up to 7." in bcembed_warnings.messages
 
 
