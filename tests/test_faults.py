@@ -426,7 +426,7 @@ def two_classes(busi_dir, tmp_path) -> Path:
 
 
 @pytest.mark.parametrize("setup, error, message", [
-    ("missing", FileNotFoundError, "does not exist; pass the folder that holds the class folders"),
+    ("missing", FileNotFoundError, "does not exist; pass the folder that contains the class folders"),
     ("empty", ValueError, "No images found in"),
     ("empty class folders", ValueError, "No images found in"),
     ("only benign", ValueError, "Class folder(s) ['malignant'] contain no images"),
