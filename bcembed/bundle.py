@@ -129,7 +129,8 @@ def train_bundle(cfg: Config,  # run configuration: data_dir, classes, per_class
     del bank
 
     # NOTE: under torchrun every process embeds and clusters the whole set; only one of them needs to save the bundle.
-    embeddings = embed(result.model, images=images, batch_size=EMBED_BATCH_SIZE, progress=progress)
+    embeddings = embed(result.model, images=images, batch_size=EMBED_BATCH_SIZE, progress=progress,
+                       flip_average=cfg.flip_average)
     model = result.model.cpu().eval()
     reducer = EmbeddingReducer(cfg.pca_components, random_state=cfg.seed).fit(embeddings)
     reduced = reducer.transform(embeddings)
@@ -265,6 +266,7 @@ def read_bundle_manifest(folder: str | Path,  # bundle folder
 
 def _config_from_manifest(manifest: dict, path: Path) -> Config:
     values = dict(manifest.get("config") or {})
+    values.setdefault("flip_average", False)  # bundles saved before the option existed embedded without mirror images
     known = set(Config.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:
@@ -450,7 +452,8 @@ def assign(bundle: Bundle,
 
     run_on = pick_device(device or bundle.cfg.device)
     model = bundle.model.to(run_on)
-    embeddings = embed(model, images=loaded.images, batch_size=batch_size, device=run_on, progress=progress)
+    embeddings = embed(model, images=loaded.images, batch_size=batch_size, device=run_on, progress=progress,
+                       flip_average=bundle.cfg.flip_average)
     bundle.model.cpu()
     reduced = bundle.reducer.transform(embeddings)
 

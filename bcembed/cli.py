@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .core import Config, logger, set_threads, setup_logging
+from .core import CHOICES, Config, logger, set_threads, setup_logging
 
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_FAILURE', 'EXIT_BAD_INPUT', 'BAD_INPUT_ERRORS', 'config_help', 'parse_bool', 'add_config_options',
@@ -68,7 +68,9 @@ def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset())
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{comments.get(f.name, '')} (default: {_command_line_value(default)})".replace("%", "%%")
         if f.name == "classes":
-            parser.add_argument(flag, nargs="+", default=list(default), help=help_text)
+            parser.add_argument(flag, nargs="+", default=list(default), metavar="NAME", help=help_text)
+        elif f.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[f.name], default=default, help=help_text)
         elif isinstance(default, bool):
             parser.add_argument(flag, type=parse_bool, default=default, help=help_text)
         elif isinstance(default, (int, float)) and default is not None:
@@ -117,13 +119,21 @@ def run_crossval_command(args: argparse.Namespace) -> int:
             raise RuntimeError(f"The experiment notebook {notebook} has no parameters {unknown}; add them to its "
                                "parameters cell, or use --no-notebook.")
         parameters = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
+        executed = out / "crossval.ipynb"
         try:
-            papermill.execute_notebook(str(notebook), str(out / "crossval.ipynb"), parameters=parameters,
+            papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
                                        kernel_name="python3", progress_bar=False, log_output=True)
-        except papermill.PapermillExecutionError as error:
-            if error.ename in {e.__name__ for e in BAD_INPUT_ERRORS}:
+        except BaseException as error:
+            # Keep the partly executed notebook for its traceback, under a name no one takes for a result.
+            failed = out / "crossval.failed.ipynb"
+            if executed.exists():
+                executed.replace(failed)
+                logger.error("The experiment notebook stopped; the cells it ran are in %s. Finished folds are kept: "
+                             "run the same command again to resume.", failed)
+            if isinstance(error, papermill.PapermillExecutionError) and error.ename in {e.__name__ for e in BAD_INPUT_ERRORS}:
                 raise ValueError(f"{error.ename}: {error.evalue}") from None
             raise
+        (out / "crossval.failed.ipynb").unlink(missing_ok=True)  # a notebook left by an earlier failed attempt
         import json
         summary = json.loads((out / "summary.json").read_text())
     km, hd = summary["kmeans"], summary["hdbscan"]

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['logger', 'setup_logging', 'Config', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
+__all__ = ['logger', 'CHOICES', 'setup_logging', 'Config', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
            'atomic_torch_save', 'seed_everything', 'usable_cores', 'set_threads', 'pick_device', 'default_cache_dir']
 
 # %% ../nbs/00_core.ipynb #4f57c919
@@ -37,6 +37,14 @@ def setup_logging(level: int | str = logging.INFO,  # level for the `bcembed` lo
     return logger
 
 # %% ../nbs/00_core.ipynb #2fea03d1
+CHOICES = {  # the text-valued settings and the values each accepts
+    "group_by": ("source", "none"),
+    "loss": ("arcface", "cosface", "softmax"),
+    "mode": ("cached", "plain"),
+    "device": ("auto", "cuda", "mps", "cpu"),
+}
+
+
 @dataclass
 class Config:
     "Every parameter of a bcembed run; units and valid ranges are in the comments."
@@ -46,35 +54,36 @@ class Config:
     folds: int = 10  # K of the K-fold cross-validation, at least 2
     group_by: str = "source"  # "source": copies of one image stay in one fold; "none": random stratified split, as the published method used
     seed: int = 0  # seed for sampling, folds, augmentation and training
-    image_size: int = 224  # side of the square input in pixels
+    image_size: int = 224  # side of the square input in pixels, at least 32
     weights: str | None = "imagenet"  # None, "imagenet", or a path to a state dict file
     weights_path: str | None = "../shared/weights/mobilenet_v3_small_imagenet1k_v1_features.pth"  # local ImageNet file, used when weights is "imagenet"
-    embedding_dim: int = 64  # size of the learned embedding
-    head_hidden: int = 256  # width of the projection head's hidden layer
+    embedding_dim: int = 64  # size of the learned embedding, at least 2
+    head_hidden: int = 256  # width of the projection head's hidden layer, at least 2
     dropout: float = 0.2  # dropout before the embedding layer, in [0, 1)
     loss: str = "arcface"  # "arcface", "cosface" or "softmax"
     margin: float = 0.5  # ArcFace additive angular margin in radians, in [0, pi/2); CosFace cosine margin in [0, 1)
     scale: float = 30.0  # logit scale s, > 0
-    batch_size: int = 64  # images per training step
-    phase1_epochs: int = 15  # epochs with the backbone frozen
-    phase2_epochs: int = 15  # epochs with the last blocks unfrozen
-    lr_head: float = 1e-3  # AdamW learning rate of head and margin layer
-    lr_backbone: float = 1e-4  # AdamW learning rate of the unfrozen blocks in phase 2
-    weight_decay: float = 1e-4  # AdamW weight decay
-    unfreeze_blocks: int = 4  # last blocks of MobileNetV3-Small's 13 feature blocks trained in phase 2
+    batch_size: int = 64  # images per training step, at least 2
+    phase1_epochs: int = 15  # epochs with the backbone frozen, 0 or more
+    phase2_epochs: int = 15  # epochs with the last blocks unfrozen, 0 or more (both phases together at least 1)
+    lr_head: float = 1e-3  # AdamW learning rate of head and margin layer, > 0
+    lr_backbone: float = 1e-4  # AdamW learning rate of the unfrozen blocks in phase 2, > 0
+    weight_decay: float = 1e-4  # AdamW weight decay, 0 or more
+    unfreeze_blocks: int = 4  # last blocks of MobileNetV3-Small's 13 feature blocks trained in phase 2, 0 to 13
     freeze_batchnorm: bool = True  # backbone batch norms keep their ImageNet statistics in unfrozen blocks too
     val_fraction: float = 0.1  # share of the training folds held back for early stopping, in [0, 0.5)
-    patience: int = 5  # epochs without validation improvement before a phase stops
+    patience: int = 5  # epochs without validation improvement before a phase stops, at least 1
     mode: str = "cached"  # "cached": reuse frozen-backbone activations; "plain": full forward pass every step
     bank_views: int = 4  # augmented views per image cached for phase 2 (cached mode), at least 1
-    rotation: float = 15.0  # maximum random rotation in degrees
-    zoom: float = 0.15  # maximum random zoom, as a fraction of the side
-    pca_components: int = 16  # PCA size after L2 normalisation; clipped to what the data allows with a warning
-    k_min: int = 2  # smallest K-Means k tried
-    k_max: int = 10  # largest K-Means k tried
+    rotation: float = 15.0  # maximum random rotation in degrees, in [0, 180]
+    zoom: float = 0.15  # maximum random zoom, as a fraction of the side, in [0, 1)
+    flip_average: bool = False  # embed each held-out image and its mirror image and average the two unit embeddings
+    pca_components: int = 16  # PCA size after L2 normalisation, at least 1; clipped to what the data allows with a warning
+    k_min: int = 2  # smallest K-Means k tried, at least 2
+    k_max: int = 10  # largest K-Means k tried, at least k_min
     hdbscan_min_cluster_size: int = 10  # smallest HDBSCAN cluster, in images, at least 2
-    hdbscan_min_samples: int | None = None  # HDBSCAN min_samples; None uses min_cluster_size
-    tsne_perplexity: float = 30.0  # t-SNE perplexity; lowered to fit small folds
+    hdbscan_min_samples: int | None = None  # HDBSCAN min_samples, at least 1; None uses min_cluster_size
+    tsne_perplexity: float = 30.0  # t-SNE perplexity, > 0; lowered to fit small folds
     output_dir: str = "runs/busi-benign-malignant"  # folder for every file of the run
     cache_dir: str | None = None  # image and activation cache; None uses ~/.cache/bcembed or $BCEMBED_CACHE
     device: str = "auto"  # "auto", "cuda", "mps" or "cpu"
@@ -90,16 +99,15 @@ class Config:
             fail("per_class", "use None (smallest class size) or an integer >= 2")
         if self.folds < 2:
             fail("folds", "use an integer >= 2")
-        if self.group_by not in ("source", "none"):
-            fail("group_by", 'use "source" or "none"')
+        for name, valid in CHOICES.items():
+            if getattr(self, name) not in valid:
+                fail(name, "use " + " or ".join(", ".join(f'"{v}"' for v in valid).rsplit(", ", 1)))
         if self.image_size < 32:
             fail("image_size", "use at least 32 pixels")
         if self.embedding_dim < 2 or self.head_hidden < 2:
             fail("embedding_dim" if self.embedding_dim < 2 else "head_hidden", "use an integer >= 2")
         if not 0 <= self.dropout < 1:
             fail("dropout", "use a value in [0, 1)")
-        if self.loss not in ("arcface", "cosface", "softmax"):
-            fail("loss", 'use "arcface", "cosface" or "softmax"')
         if self.loss == "arcface" and not 0 <= self.margin < np.pi / 2:
             fail("margin", "ArcFace needs an angle in radians in [0, pi/2)")
         if self.loss == "cosface" and not 0 <= self.margin < 1:
@@ -119,8 +127,6 @@ class Config:
             fail("val_fraction", "use a fraction in [0, 0.5)")
         if self.patience < 1:
             fail("patience", "use at least 1 epoch")
-        if self.mode not in ("cached", "plain"):
-            fail("mode", 'use "cached" or "plain"')
         if self.bank_views < 1:
             fail("bank_views", "use at least 1 view per image")
         if self.pca_components < 1:
@@ -131,8 +137,14 @@ class Config:
             fail("hdbscan_min_cluster_size", "HDBSCAN needs at least 2")
         if self.hdbscan_min_samples is not None and self.hdbscan_min_samples < 1:
             fail("hdbscan_min_samples", "use None or an integer >= 1")
-        if self.device not in ("auto", "cuda", "mps", "cpu"):
-            fail("device", 'use "auto", "cuda", "mps" or "cpu"')
+        if self.weight_decay < 0:
+            fail("weight_decay", "use 0 or a positive value")
+        if not 0 <= self.rotation <= 180:
+            fail("rotation", "use a maximum angle in degrees in [0, 180]")
+        if not 0 <= self.zoom < 1:
+            fail("zoom", "use a fraction of the side in [0, 1)")
+        if not self.tsne_perplexity > 0:
+            fail("tsne_perplexity", "use a positive perplexity such as 30")
         return self
 
     def to_dict(self) -> dict:

@@ -31,7 +31,7 @@ from .training import (cached_bank, create_model, distributed_context, embed, in
 
 # %% auto #0
 __all__ = ['RUNTIME_KEYS', 'FOLD_CHECKPOINT_KEYS', 'METRIC_KEYS', 'check_against_data', 'cluster_embeddings', 'run_fold',
-           'prepare_output', 'save_fold', 'load_fold_model', 'load_fold', 'prepare_data', 'write_assignments',
+           'prepare_output', 'save_fold', 'load_fold_model', 'load_fold', 'prepare_data', 'write_fold_assignments',
            'run_crossval', 'write_results', 'write_figures']
 
 # %% ../nbs/08_crossval.ipynb #ba44a366
@@ -75,7 +75,7 @@ def run_fold(cfg: Config, fold: int, folds: np.ndarray, labels: np.ndarray, imag
                              n_classes=n_classes, progress=progress)
     if not score:
         return {"fold": fold, "model": result.model, "head": result.head, "history": result.history}
-    embeddings = embed(result.model, test_index, images=images, bank=bank)
+    embeddings = embed(result.model, test_index, images=images, bank=bank, flip_average=cfg.flip_average)
     clusters = cluster_embeddings(cfg, embeddings, labels[test_index])
     return {"fold": fold, "index": test_index, "embeddings": embeddings, "model": result.model, "head": result.head,
             "history": result.history, "notes": result.notes, "seconds": time.perf_counter() - started, **clusters}
@@ -199,11 +199,11 @@ def prepare_data(cfg: Config, progress: bool = True) -> dict:
     return {"table": table, "images": images, "skipped": loaded.skipped, "groups": groups, "folds": folds}
 
 
-def write_assignments(out: Path, data: dict) -> None:
-    "Write `assignments.csv`, or check that a resumed run assigns every image to the same fold."
+def write_fold_assignments(out: Path, data: dict) -> None:
+    "Write `fold_assignments.csv`, or check that a resumed run assigns every image to the same fold."
     table, groups, folds = data["table"], data["groups"], data["folds"]
     rows = [[p, table.class_names[l], int(g), int(f)] for p, l, g, f in zip(table.relative_paths(), table.labels, groups, folds)]
-    target = out / "assignments.csv"
+    target = out / "fold_assignments.csv"
     if target.exists():
         with open(target, newline="", encoding="utf-8") as f:
             saved = [[r[0], r[1], int(r[2]), int(r[3])] for r in list(csv.reader(f))[1:]]
@@ -226,7 +226,7 @@ def run_crossval(cfg: Config,  # the run's configuration
     create_model(cfg)  # fails on missing weights before the output folder is written
     if rank == 0:
         out = prepare_output(cfg)
-        write_assignments(out, data)
+        write_fold_assignments(out, data)
     _barrier(world)
     out = Path(cfg.output_dir)
     table, images, folds = data["table"], data["images"], data["folds"]
@@ -234,8 +234,13 @@ def run_crossval(cfg: Config,  # the run's configuration
 
     bank = None
     if cfg.mode == "cached":
-        # NOTE: under torchrun every process builds the whole bank; sharding it would save time on many processes.
+        # Under torchrun the first process builds the bank and writes it to the cache folder while the others wait;
+        # they then load it. Processes that do not share the cache folder (other machines) build their own copy.
+        if rank > 0:
+            _barrier(world)
         bank = cached_bank(cfg, images, device=training_device(cfg.device))
+        if rank == 0:
+            _barrier(world)
     records = []
     for fold in tqdm(range(cfg.folds), desc="folds", disable=not progress or rank > 0):
         saved = load_fold(out, fold)
@@ -244,7 +249,7 @@ def run_crossval(cfg: Config,  # the run's configuration
             records.append(saved)
             continue
         # Every process trains (each on its share of every batch); the first one embeds, clusters and writes.
-        record = run_fold(cfg, fold, folds, labels, images=None if bank is not None else images, bank=bank,
+        record = run_fold(cfg, fold, folds, labels, images=images, bank=bank,
                           groups=data["groups"] if cfg.group_by == "source" else None,
                           n_classes=len(table.class_names), progress=progress, score=rank == 0)
         if rank == 0:
@@ -277,7 +282,7 @@ def write_results(cfg: Config, out: Path, data: dict, records: list, seconds: fl
         rows = [dict(r[method], fold=r["fold"]) for r in records]
         header = ["fold"] + list(METRIC_KEYS) + ["n_clusters"]
         _write_csv(out / f"{method}_folds.csv", header, [[row.get(k) for k in header] for row in rows])
-        atomic_write_text(out / f"{method}_folds.md", format_table(rows, ("accuracy", "f1", "ari", "nmi", "silhouette")) + "\n")
+        atomic_write_text(out / f"{method}_folds.md", format_table(rows, METRIC_KEYS + ("n_clusters",)) + "\n")
         summary[method] = summarize_folds(rows, METRIC_KEYS)
         summary[method]["missing"] = {f"fold {r['fold']}": r[method]["missing"] for r in records if r[method].get("missing")}
     summary["k_chosen"] = [r["k"] for r in records]
@@ -314,6 +319,7 @@ def write_figures(cfg: Config, out: Path, table, records: list) -> None:
         ax.plot([int(k) for k in c], list(c.values()), color="0.75", lw=1)
     mean = [np.nanmean([c.get(str(k), np.nan) for c in curves]) for k in ks]
     ax.plot(ks, mean, "o-", color="C0", lw=2, label="mean over folds")
+    ax.set_xticks(ks)
     ax.set(xlabel="k (K-Means clusters)", ylabel="mean silhouette", title="Silhouette versus k on held-out folds")
     ax.legend()
     _save_figure(fig, out / "silhouette.png")
@@ -345,11 +351,18 @@ def write_figures(cfg: Config, out: Path, table, records: list) -> None:
                       "hdbscan": "t-SNE of held-out embeddings, coloured by HDBSCAN cluster (grey: noise)"}[name])
         _save_figure(fig, out / f"tsne_{name}.png")
 
+    from matplotlib.ticker import MaxNLocator
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for r in records:
         history = r["history"]
-        ax.plot(range(1, len(history) + 1), [h["val_loss"] for h in history], lw=1, label=f"fold {r['fold']}")
-    ax.set(xlabel="epoch (phase 1 then phase 2)", ylabel="validation loss", title="Early-stopping validation loss per fold")
+        line, = ax.plot(range(1, len(history) + 1), [h["val_loss"] for h in history], lw=1, label=f"fold {r['fold']}")
+        phase2 = [i for i, h in enumerate(history, 1) if h.get("phase") == 2]
+        start_loss = history[phase2[0] - 1]["val_loss"] if phase2 else None  # None without a validation split
+        if start_loss is not None:  # a hollow marker where phase 2 starts: early stopping ends phase 1 at different epochs
+            ax.plot(phase2[0], start_loss, "o", mfc="none", color=line.get_color())
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.set(xlabel="epoch (phase 1, then phase 2 from the hollow marker)", ylabel="validation loss",
+           title="Early-stopping validation loss per fold")
     ax.legend(fontsize=6, ncol=2)
     _save_figure(fig, out / "training.png")

@@ -161,7 +161,8 @@ def format_table(rows: list[dict],  # one dict of scores per fold
     summary = summarize_folds(rows, keys)
     lines = ["| fold | " + " | ".join(keys) + " |", "|---" * (len(keys) + 1) + "|"]
     for i, row in enumerate(rows):
-        cells = [_format_value(v, digits) for v in (_fold_values([row], key)[0] for key in keys)]
+        cells = [str(row[key]) if isinstance(row.get(key), (int, np.integer)) and not isinstance(row[key], bool)
+                 else _format_value(_fold_values([row], key)[0], digits) for key in keys]  # counts print as integers
         lines.append(f"| {row.get('fold', i + 1)} | " + " | ".join(cells) + " |")
 
     totals = []

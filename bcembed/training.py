@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import math
 import os
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedShuffleSplit
 from tqdm.auto import tqdm
 
@@ -213,7 +215,9 @@ def init_distributed() -> tuple:
         backend = "nccl" if torch.cuda.is_available() else "gloo"
         if backend == "nccl":
             torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-        dist.init_process_group(backend)
+        # Processes wait at barriers while the first one builds the feature bank or scores a fold, which can take
+        # longer than the default timeout of the process group on a CPU.
+        dist.init_process_group(backend, timeout=datetime.timedelta(hours=2))
         logger.info("Joined a %s process group as rank %d of %d", backend, dist.get_rank(), world)
     return distributed_context()
 
@@ -423,10 +427,15 @@ def embed(model: EmbeddingNet,
           batch_size: int = 256,  # images per forward pass
           device: torch.device | str | None = None,  # None uses the model's device
           progress: bool = False,  # show a progress bar
+          flip_average: bool = False,  # embed each image and its mirror image; return the unit mean (needs images)
           ) -> np.ndarray:
     "Return float32 embeddings (N x embedding_dim) of the images at `index`."
     if images is None and bank is None:
         raise ValueError("embed needs images or a feature bank.")
+    if flip_average and images is None:
+        raise ValueError("embed(flip_average=True) needs the images: the feature bank holds no mirror images.")
+    if flip_average:
+        bank = None
     n = len(bank.clean) if bank is not None else len(images)
     index = np.arange(n) if index is None else np.asarray(index)
     device = device or next(model.parameters()).device
@@ -438,6 +447,9 @@ def embed(model: EmbeddingNet,
             if bank is not None:
                 z = model.forward_from(bank.clean[torch.as_tensor(part)].to(device), bank.stop)
             else:
-                z = model(to_model_input(np.asarray(images[part])).to(device))
+                x = to_model_input(np.asarray(images[part])).to(device)
+                z = model(x)
+                if flip_average:  # the mean direction of the two unit embeddings
+                    z = F.normalize(F.normalize(z.float(), dim=1) + F.normalize(model(x.flip(3)).float(), dim=1), dim=1)
         out.append(z.float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, model.embedding_dim), np.float32)

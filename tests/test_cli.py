@@ -203,3 +203,15 @@ def test_help_names_units_and_defaults(command, expected, capsys):
     text = " ".join(capsys.readouterr().out.split())
     for phrase in expected:
         assert phrase in text, phrase
+
+
+def test_crossval_notebook_failure_keeps_notebook_aside(busi_dir, tmp_path):
+    "A run that fails inside the experiment notebook exits 2 and leaves the executed cells as crossval.failed.ipynb."
+    out = tmp_path / "run"
+    result = bcembed("crossval", "--data-dir", busi_dir, "--classes", "benign", "cysts", "--output-dir", out,
+                     "--cache-dir", tmp_path / "cache")
+    assert result.returncode == 2, result.stderr
+    assert "cysts" in result.stderr
+    assert (out / "crossval.failed.ipynb").exists()
+    assert not (out / "crossval.ipynb").exists()
+    assert "crossval.failed.ipynb" in result.stderr

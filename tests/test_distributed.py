@@ -35,8 +35,11 @@ def test_two_gloo_processes_match_one(tmp_path, busi_dir, weights_file):
               "phase1_epochs": 6, "phase2_epochs": 3, "batch_size": 32, "bank_views": 2, "k_max": 4,
               "cache_dir": str(tmp_path / "cache"), "device": "cpu", "val_fraction": 0.0}
     single, _ = run_experiment(tmp_path, "one", config, 1)
-    double, log = run_experiment(tmp_path, "two", config, 2)
+    # A cache of its own, so that the two processes start without a feature bank: the first builds it, the
+    # second loads it from the cache folder once the first has written it.
+    double, log = run_experiment(tmp_path, "two", dict(config, cache_dir=str(tmp_path / "cache-two")), 2)
     assert "rank 1 of 2" in log, log[-2000:]
+    assert log.count("Loaded the feature bank") == 1, log[-2000:]
     single_accuracy = single["kmeans"]["accuracy"]["mean"]
     double_accuracy = double["kmeans"]["accuracy"]["mean"]
     # Both processes see the same global batches; only batch-norm statistics are computed on half batches.

@@ -26,7 +26,7 @@ def test_crossval_notebook_on_busi(tmp_path, busi_dir, weights_file):
                     "weights_path": str(weights_file), "bank_views": 2, "k_max": 5, "hdbscan_min_cluster_size": 5,
                     "output_dir": str(out), "cache_dir": str(tmp_path / "cache"), "device": "cpu"})
 
-    expected = {"config.json", "assignments.csv", "kmeans_folds.csv", "kmeans_folds.md", "hdbscan_folds.csv",
+    expected = {"config.json", "fold_assignments.csv", "kmeans_folds.csv", "kmeans_folds.md", "hdbscan_folds.csv",
                 "hdbscan_folds.md", "summary.json", "images.csv", "silhouette.png", "tsne_truth.png", "tsne_kmeans.png",
                 "tsne_hdbscan.png", "training.png"}
     assert expected <= {p.name for p in out.iterdir()}

@@ -44,7 +44,7 @@ crossval.tsne_map = tsne_one_thread
 setup_logging(logging.INFO)
 crossval.run_crossval(Config.from_dict(json.loads(sys.argv[1])), progress=False)
 """
-TABLES = ("kmeans_folds.csv", "hdbscan_folds.csv", "images.csv", "assignments.csv", "kmeans_folds.md", "hdbscan_folds.md")
+TABLES = ("kmeans_folds.csv", "hdbscan_folds.csv", "images.csv", "fold_assignments.csv", "kmeans_folds.md", "hdbscan_folds.md")
 TIMINGS = ("wall_seconds_this_session", "fold_seconds")  # the only summary entries that may differ between runs
 FOLDS = 3
 
