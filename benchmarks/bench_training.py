@@ -4,11 +4,13 @@ Cases (each runs in its own subprocess so that its peak memory is its own):
   embed     images/s of `bcembed.training.embed` from the uint8 image cache, against the bare model forward on
             tensors that are already decoded, normalised and batched (the ceiling data handling can reach)
   fold      one fold's training and scoring with mode="cached" and with mode="plain", same fold, same epochs
-  protocol  the whole K-fold protocol with mode="cached" (wall time, mean K-Means accuracy)
+  protocol  the whole K-fold protocol for each mode in --protocol-modes (default: cached), on the same folds
+            (wall time, per-fold and mean K-Means accuracy)
 
 Usage:
   python benchmarks/bench_training.py embed fold --data ../shared/data/kaggle-busi-aug --epochs 5 5
   python benchmarks/bench_training.py protocol --data ../shared/data/kaggle-busi-aug --group-by none
+  python benchmarks/bench_training.py protocol --protocol-modes cached plain --per-class 1000 --epochs 5 5
 Prints one JSON line per case and the ratios; --json FILE also writes them.
 """
 import argparse
@@ -80,34 +82,59 @@ def case_fold(args, mode) -> dict:
             "train_images": int((data["folds"] != 0).sum()), "peak_rss_mib": peak_rss_mib()}
 
 
-def case_protocol(args) -> dict:
-    from bcembed.core import Config
+def case_protocol(args, mode) -> dict:
+    import csv
+    import shutil
+    from bcembed.core import Config, set_threads
     from bcembed.crossval import run_crossval
-    out = Path(args.output or f"runs/bench-protocol-{args.group_by}")
+    set_threads()
+    out = Path(args.output or f"runs/bench-protocol-{args.group_by}") / mode
+    if out.exists():
+        shutil.rmtree(out)  # a resumed run would time nothing
     cfg = Config(data_dir=args.data, weights_path=args.weights, per_class=args.per_class, group_by=args.group_by,
-                 output_dir=str(out), cache_dir=args.cache_dir, bank_views=args.bank_views,
+                 mode=mode, folds=args.folds, output_dir=str(out), cache_dir=args.cache_dir, bank_views=args.bank_views,
                  unfreeze_blocks=args.unfreeze_blocks, phase1_epochs=args.epochs[0], phase2_epochs=args.epochs[1]).check()
+    if mode == "cached":  # time the feature bank too: drop a bank that an earlier run left in the cache
+        from bcembed.core import default_cache_dir
+        from bcembed.crossval import prepare_data
+        from bcembed.model import N_BLOCKS
+        from bcembed.training import _weights_id, bank_key
+        images = prepare_data(cfg, progress=False)["images"]
+        key = bank_key(images, N_BLOCKS - cfg.unfreeze_blocks, cfg.bank_views, cfg.seed, cfg.rotation, cfg.zoom,
+                       _weights_id(cfg))
+        (default_cache_dir(cfg.cache_dir) / "banks" / f"{key}.pt").unlink(missing_ok=True)
+        del images
     start = time.perf_counter()
     summary = run_crossval(cfg, progress=False)
-    return {"case": "protocol-cached", "images": summary["images"], "folds": summary["folds"],
-            "seconds": time.perf_counter() - start, "kmeans_accuracy": summary["kmeans"]["accuracy"],
+    seconds = time.perf_counter() - start
+    with open(out / "kmeans_folds.csv", newline="") as f:
+        per_fold = [float(row["accuracy"]) for row in csv.DictReader(f)]
+    return {"case": f"protocol-{mode}", "images": summary["images"], "folds": summary["folds"], "epochs": args.epochs,
+            "unfreeze_blocks": args.unfreeze_blocks, "seconds": seconds, "fold_seconds": summary["fold_seconds"],
+            "kmeans_accuracy": summary["kmeans"]["accuracy"], "kmeans_accuracy_per_fold": per_fold,
             "peak_rss_mib": peak_rss_mib(), "output_dir": str(out)}
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("cases", nargs="+", choices=["embed", "fold", "protocol", "_embed", "_fold-cached", "_fold-plain", "_protocol"])
+    parser.add_argument("cases", nargs="+",
+                        choices=["embed", "fold", "protocol", "_embed", "_fold-cached", "_fold-plain", "_protocol-cached",
+                                 "_protocol-plain"])
     parser.add_argument("--data", default=str(REPO.parent / "shared/data/kaggle-busi-aug"), help="labelled image folder")
     parser.add_argument("--weights", default=str(REPO.parent / "shared/weights/mobilenet_v3_small_imagenet1k_v1_features.pth"))
     parser.add_argument("--per-class", type=int, default=None, help="images per class (default: smallest class)")
     parser.add_argument("--group-by", default="none", choices=["none", "source"])
     parser.add_argument("--epochs", type=int, nargs=2, default=[15, 15], help="phase 1 and phase 2 epochs")
+    parser.add_argument("--folds", type=int, default=10, help="folds of the protocol case")
     parser.add_argument("--bank-views", type=int, default=4)
     parser.add_argument("--unfreeze-blocks", type=int, default=4)
     parser.add_argument("--embed-images", type=int, default=2048, help="images timed in the embed case")
     parser.add_argument("--batch-size", type=int, default=64, help="batch size of the embed case")
     parser.add_argument("--cache-dir", default=None)
-    parser.add_argument("--output", default=None, help="output folder of the protocol case")
+    parser.add_argument("--protocol-modes", nargs="+", default=["cached"], choices=["cached", "plain"],
+                        help="training modes the protocol case runs, one after the other on the same folds")
+    parser.add_argument("--output", default=None,
+                        help="output folder of the protocol case; each mode writes to a subfolder named after it")
     parser.add_argument("--json", default=None, help="also write the results to this file")
     args = parser.parse_args()
 
@@ -115,14 +142,18 @@ def main() -> None:
     if internal:
         case = internal[0]
         result = {"_embed": lambda: case_embed(args), "_fold-cached": lambda: case_fold(args, "cached"),
-                  "_fold-plain": lambda: case_fold(args, "plain"), "_protocol": lambda: case_protocol(args)}[case]()
+                  "_fold-plain": lambda: case_fold(args, "plain"),
+                  "_protocol-cached": lambda: case_protocol(args, "cached"),
+                  "_protocol-plain": lambda: case_protocol(args, "plain")}[case]()
         print("RESULT " + json.dumps(result), flush=True)
         return
 
     passthrough = [a for a in sys.argv[1:] if a not in args.cases]
     results = []
+    subcases = {"embed": ["_embed"], "fold": ["_fold-cached", "_fold-plain"],
+                "protocol": [f"_protocol-{mode}" for mode in args.protocol_modes]}
     for case in args.cases:
-        for sub in {"embed": ["_embed"], "fold": ["_fold-cached", "_fold-plain"], "protocol": ["_protocol"]}[case]:
+        for sub in subcases[case]:
             done = subprocess.run([sys.executable, __file__, sub, *passthrough], capture_output=True, text=True,
                                   env=dict(os.environ, MPLBACKEND="Agg"))
             lines = [l for l in done.stdout.splitlines() if l.startswith("RESULT ")]
@@ -136,6 +167,13 @@ def main() -> None:
         print(f"one fold: cached {cached['seconds']:.0f} s (bank {cached['bank_seconds']:.0f} s) vs plain {plain['seconds']:.0f} s "
               f"-> {plain['seconds'] / cached['seconds']:.1f}x faster; K-Means accuracy cached {cached['kmeans_accuracy']:.3f}, "
               f"plain {plain['kmeans_accuracy']:.3f}")
+    if "protocol-cached" in by_case and "protocol-plain" in by_case:
+        cached, plain = by_case["protocol-cached"], by_case["protocol-plain"]
+        gaps = [c - p for c, p in zip(cached["kmeans_accuracy_per_fold"], plain["kmeans_accuracy_per_fold"])]
+        print(f"{cached['folds']} folds: cached {cached['seconds']:.0f} s vs plain {plain['seconds']:.0f} s "
+              f"-> {plain['seconds'] / cached['seconds']:.1f}x faster; mean K-Means accuracy cached "
+              f"{cached['kmeans_accuracy']['mean']:.3f}, plain {plain['kmeans_accuracy']['mean']:.3f} "
+              f"(cached minus plain per fold: {', '.join(f'{g:+.3f}' for g in gaps)})")
     if "embed" in by_case:
         e = by_case["embed"]
         print(f"embedding: {e['embed_images_per_s']:.0f} images/s = {e['fraction_of_bare']:.2f} of the bare forward "

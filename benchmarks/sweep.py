@@ -34,7 +34,7 @@ def main() -> None:
     bank = cached_bank(cfg, data["images"]) if cfg.mode == "cached" else None
     accuracies = []
     for fold in range(args.folds_run):
-        record = run_fold(cfg, fold, data["folds"], data["table"].labels, images=None if bank else data["images"],
+        record = run_fold(cfg, fold, data["folds"], data["table"].labels, images=data["images"],
                           bank=bank, groups=data["groups"] if cfg.group_by == "source" else None, progress=False)
         accuracies.append(record["kmeans_scores"]["accuracy"])
     print(json.dumps({"changes": json.loads(args.changes), "seconds": round(time.perf_counter() - started),
