@@ -119,6 +119,8 @@ def run_crossval_command(args: argparse.Namespace) -> int:
             raise RuntimeError(f"The experiment notebook {notebook} has no parameters {unknown}; add them to its "
                                "parameters cell, or use --no-notebook.")
         parameters = {k: (list(v) if isinstance(v, tuple) else v) for k, v in cfg.to_dict().items()}
+        # Progress bars relayed through papermill print as control characters; the log has a line per fold instead.
+        parameters["progress"] = False
         executed = out / "crossval.ipynb"
         try:
             papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
