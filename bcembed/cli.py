@@ -66,7 +66,12 @@ def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset())
             continue
         default = f.default
         flag = "--" + f.name.replace("_", "-")
-        help_text = f"{comments.get(f.name, '')} (default: {_command_line_value(default)})".replace("%", "%%")
+        spelling = ""
+        if isinstance(default, bool):
+            spelling = "; type true or false"
+        elif "None" in str(f.type):
+            spelling = "; type none for None"
+        help_text = f"{comments.get(f.name, '')}{spelling} (default: {_command_line_value(default)})".replace("%", "%%")
         if f.name == "classes":
             parser.add_argument(flag, nargs="+", default=list(default), metavar="NAME", help=help_text)
         elif f.name in CHOICES:
@@ -84,10 +89,16 @@ def add_config_options(parser: argparse.ArgumentParser, skip: set = frozenset())
 
 
 def config_from_args(args: argparse.Namespace) -> Config:
-    "Build and check a `Config` from parsed options."
+    "Build and check a `Config` from parsed options; an invalid value's message also names its option."
     names = {f.name for f in dataclasses.fields(Config)}
     values = {k: v for k, v in vars(args).items() if k in names}
-    return Config.from_dict(values).check()
+    try:
+        return Config.from_dict(values).check()
+    except ValueError as error:
+        field = re.match(r"Invalid (\w+)=", str(error))
+        if field and field.group(1) in names:
+            raise ValueError(f"{error} (option --{field.group(1).replace('_', '-')})") from None
+        raise
 
 # %% ../nbs/10_cli.ipynb #399625c6
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2
@@ -290,7 +301,7 @@ def run_duplicates_command(args: argparse.Namespace) -> int:
 
 def add_duplicates_parser(commands) -> argparse.ArgumentParser:
     "Add the `duplicates` subcommand to `commands`."
-    from bcembed.groups import DEFAULT_MAX_DISTANCE
+    from bcembed.groups import DEFAULT_HASH_SIZE, DEFAULT_MAX_DISTANCE
 
     defaults = Config()
     duplicates = commands.add_parser(
@@ -304,8 +315,8 @@ def add_duplicates_parser(commands) -> argparse.ArgumentParser:
                             help="class folder names to include (default: every class folder found)")
     duplicates.add_argument("--output", required=True, metavar="DIR", help="report folder, created if missing (required)")
     duplicates.add_argument("--max-distance", type=int, default=DEFAULT_MAX_DISTANCE, metavar="BITS",
-                            help="maximum Hamming distance in bits between perceptual hashes that still counts as a "
-                                 "near-duplicate (default: %(default)s)")
+                            help=f"maximum Hamming distance in bits between two {DEFAULT_HASH_SIZE ** 2}-bit perceptual "
+                                 "hashes that still counts as a near-duplicate (default: %(default)s)")
     duplicates.add_argument("--example-groups", type=int, default=6, metavar="N",
                             help="groups drawn in the PNG sheet; 0 writes no sheet (default: %(default)s)")
     duplicates.add_argument("--image-size", type=_positive_int, default=defaults.image_size, metavar="PIXELS",

@@ -96,7 +96,9 @@ def prepare_output(cfg: Config) -> Path:
     out = Path(cfg.output_dir)
     config_file = out / "config.json"
     if config_file.exists():
-        saved = json.loads(config_file.read_text())["config"]
+        # A setting missing from an older run's file had its default then, as every setting added since keeps the
+        # earlier behaviour by default.
+        saved = {**Config().to_dict(), **json.loads(config_file.read_text())["config"]}
         current = cfg.to_dict()
         differing = sorted(k for k in set(saved) | set(current) if k not in RUNTIME_KEYS and saved.get(k) != current.get(k))
         if differing:
@@ -108,7 +110,7 @@ def prepare_output(cfg: Config) -> Path:
         atomic_write_json(config_file, {"config": cfg.to_dict(), "versions": _versions()})
     return out
 
-
+# %% ../nbs/08_crossval.ipynb #d91565de
 def _write_csv(path: Path, header: list, rows: list) -> None:
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\n")

@@ -1,0 +1,46 @@
+"""Score the fold models of a finished run with and without mirror-image averaging of the held-out embeddings.
+
+Reads <run>/config.json and <run>/models/fold_NN.pt, embeds each held-out fold both ways, and clusters and
+scores the embeddings exactly as the run did. This isolates what `flip_average` adds to the same trained models.
+
+Usage:
+  python benchmarks/rescore_flip.py runs/busi-plain-flip
+Prints one JSON line with the per-fold and mean K-Means accuracy of both embeddings.
+"""
+import argparse
+import dataclasses
+import json
+from pathlib import Path
+
+import numpy as np
+
+from bcembed.core import Config, set_threads
+from bcembed.crossval import cluster_embeddings, load_fold_model, prepare_data
+from bcembed.training import embed
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("run", help="output folder of a finished run, with its models/ folder")
+    args = parser.parse_args()
+    run = Path(args.run)
+    saved = json.loads((run / "config.json").read_text())["config"]
+    known = {f.name for f in dataclasses.fields(Config)}
+    cfg = Config.from_dict({k: v for k, v in saved.items() if k in known})
+    set_threads()
+    data = prepare_data(cfg, progress=False)
+    labels, folds, images = data["table"].labels, data["folds"], data["images"]
+    scores = {"without_flip": [], "with_flip": []}
+    for fold in range(cfg.folds):
+        model, _ = load_fold_model(run / "models" / f"fold_{fold:02d}.pt", cfg)
+        index = np.flatnonzero(folds == fold)
+        for name, flip in (("without_flip", False), ("with_flip", True)):
+            embeddings = embed(model, index, images=images, flip_average=flip)
+            scores[name].append(cluster_embeddings(cfg, embeddings, labels[index])["kmeans_scores"]["accuracy"])
+    print(json.dumps({"run": str(run), "flip_average_in_run": cfg.flip_average,
+                      **{f"{name}_mean": round(float(np.mean(values)), 4) for name, values in scores.items()},
+                      **{f"{name}_per_fold": [round(v, 3) for v in values] for name, values in scores.items()}}))
+
+
+if __name__ == "__main__":
+    main()
