@@ -90,11 +90,11 @@ def case_protocol(args, mode) -> dict:
     set_threads()
     out = Path(args.output or f"runs/bench-protocol-{args.group_by}") / mode
     if out.exists():
-        shutil.rmtree(out)  # a resumed run would time nothing
+        shutil.rmtree(out)  # a resumed run would read finished folds back and time nothing
     cfg = Config(data_dir=args.data, weights_path=args.weights, per_class=args.per_class, group_by=args.group_by,
                  mode=mode, folds=args.folds, output_dir=str(out), cache_dir=args.cache_dir, bank_views=args.bank_views,
                  unfreeze_blocks=args.unfreeze_blocks, phase1_epochs=args.epochs[0], phase2_epochs=args.epochs[1]).check()
-    if mode == "cached":  # time the feature bank too: drop a bank that an earlier run left in the cache
+    if mode == "cached":  # time the feature bank too, so delete a bank that an earlier run left in the cache
         from bcembed.core import default_cache_dir
         from bcembed.crossval import prepare_data
         from bcembed.model import N_BLOCKS

@@ -205,7 +205,7 @@ def test_help_names_units_and_defaults(command, expected, capsys):
         assert phrase in text, phrase
 
 
-def test_crossval_notebook_failure_keeps_notebook_aside(busi_dir, tmp_path):
+def test_crossval_failure_keeps_failed_notebook(busi_dir, tmp_path):
     "A run that fails inside the experiment notebook exits 2 and leaves the executed cells as crossval.failed.ipynb."
     out = tmp_path / "run"
     result = bcembed("crossval", "--data-dir", busi_dir, "--classes", "benign", "cysts", "--output-dir", out,
