@@ -266,7 +266,6 @@ def read_bundle_manifest(folder: str | Path,  # bundle folder
 
 def _config_from_manifest(manifest: dict, path: Path) -> Config:
     values = dict(manifest.get("config") or {})
-    values.setdefault("flip_average", False)  # bundles saved before the option existed embedded without mirror images
     known = set(Config.__dataclass_fields__)
     unknown = sorted(set(values) - known)
     if unknown:

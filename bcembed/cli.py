@@ -15,7 +15,7 @@ import time
 import traceback
 from pathlib import Path
 
-from .core import CHOICES, Config, logger, set_threads, setup_logging
+from .core import CHOICES, Config, ConfigError, logger, set_threads, setup_logging
 
 # %% auto #0
 __all__ = ['EXIT_OK', 'EXIT_FAILURE', 'EXIT_BAD_INPUT', 'BAD_INPUT_ERRORS', 'config_help', 'parse_bool', 'add_config_options',
@@ -94,11 +94,8 @@ def config_from_args(args: argparse.Namespace) -> Config:
     values = {k: v for k, v in vars(args).items() if k in names}
     try:
         return Config.from_dict(values).check()
-    except ValueError as error:
-        field = re.match(r"Invalid (\w+)=", str(error))
-        if field and field.group(1) in names:
-            raise ValueError(f"{error} (option --{field.group(1).replace('_', '-')})") from None
-        raise
+    except ConfigError as error:
+        raise ValueError(f"{error} (option --{error.field.replace('_', '-')})") from None
 
 # %% ../nbs/10_cli.ipynb #399625c6
 EXIT_OK, EXIT_FAILURE, EXIT_BAD_INPUT = 0, 1, 2

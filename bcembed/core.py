@@ -18,8 +18,9 @@ import numpy as np
 import torch
 
 # %% auto #0
-__all__ = ['logger', 'CHOICES', 'setup_logging', 'Config', 'atomic_write_bytes', 'atomic_write_text', 'atomic_write_json',
-           'atomic_torch_save', 'seed_everything', 'usable_cores', 'set_threads', 'pick_device', 'default_cache_dir']
+__all__ = ['logger', 'CHOICES', 'setup_logging', 'ConfigError', 'Config', 'atomic_write_bytes', 'atomic_write_text',
+           'atomic_write_json', 'atomic_torch_save', 'seed_everything', 'usable_cores', 'set_threads', 'pick_device',
+           'default_cache_dir']
 
 # %% ../nbs/00_core.ipynb #4f57c919
 logger = logging.getLogger("bcembed")
@@ -37,6 +38,14 @@ def setup_logging(level: int | str = logging.INFO,  # level for the `bcembed` lo
     return logger
 
 # %% ../nbs/00_core.ipynb #2fea03d1
+class ConfigError(ValueError):
+    "Error for an invalid `Config` value; `field` is the name of the setting."
+
+    def __init__(self, message: str, field: str):
+        super().__init__(message)
+        self.field = field
+
+
 CHOICES = {  # the text-valued settings and the values each accepts
     "group_by": ("source", "none"),
     "loss": ("arcface", "cosface", "softmax"),
@@ -77,7 +86,7 @@ class Config:
     bank_views: int = 4  # augmented views per image cached for phase 2 (cached mode), at least 1
     rotation: float = 15.0  # maximum random rotation in degrees, in [0, 180]
     zoom: float = 0.15  # maximum random zoom, as a fraction of the side, in [0, 1)
-    flip_average: bool = False  # embed every image that is clustered together with its mirror image, and average the two unit embeddings
+    flip_average: bool = False  # cluster the mean direction of each image's unit embedding and its mirror image's
     pca_components: int = 16  # PCA size after L2 normalisation, at least 1; clipped to what the data allows with a warning
     k_min: int = 2  # smallest K-Means k tried, at least 2
     k_max: int = 10  # largest K-Means k tried, at least k_min
@@ -89,9 +98,9 @@ class Config:
     device: str = "auto"  # "auto", "cuda", "mps" or "cpu"
 
     def check(self) -> "Config":
-        "Raise `ValueError` naming the first invalid value and its valid range; return self when all are valid."
+        "Raise `ConfigError` naming the first invalid value and its valid range; return self when all are valid."
         def fail(name, valid):
-            raise ValueError(f"Invalid {name}={getattr(self, name)!r}: {valid}.")
+            raise ConfigError(f"Invalid {name}={getattr(self, name)!r}: {valid}.", name)
 
         if not self.classes or len(set(self.classes)) != len(self.classes) or len(self.classes) < 2:
             fail("classes", "give at least two distinct class names")

@@ -30,9 +30,9 @@ from .model import (N_BLOCKS, EmbeddingNet, frozen_prefix_length, set_train_mode
                            set_trainable_blocks)
 
 # %% auto #0
-__all__ = ['FeatureBank', 'bank_key', 'build_bank', 'create_model', 'bank_checksum', 'cached_bank', 'validation_split',
-           'torch_threads', 'autocast_context', 'distributed_context', 'init_distributed', 'training_device',
-           'TrainResult', 'train_embedding', 'embed']
+__all__ = ['FeatureBank', 'bank_key', 'build_bank', 'create_model', 'bank_checksum', 'bank_cache_path', 'cached_bank',
+           'validation_split', 'torch_threads', 'autocast_context', 'distributed_context', 'init_distributed',
+           'training_device', 'TrainResult', 'train_embedding', 'embed']
 
 # %% ../nbs/05_training.ipynb #b8e95b27
 @dataclass
@@ -124,6 +124,13 @@ def bank_checksum(bank: FeatureBank) -> str:
     return digest.hexdigest()
 
 
+def bank_cache_path(cfg: Config, images: np.ndarray) -> Path:
+    "Return the cache file that holds the feature bank of `images` for `cfg`."
+    key = bank_key(images, N_BLOCKS - cfg.unfreeze_blocks, cfg.bank_views, cfg.seed, cfg.rotation, cfg.zoom,
+                   _weights_id(cfg))
+    return default_cache_dir(cfg.cache_dir) / "banks" / f"{key}.pt"
+
+
 def cached_bank(cfg: Config,  # run configuration: unfreeze_blocks, bank_views, seed, rotation, zoom, weights
                 images: np.ndarray,  # uint8 N x H x W x 3
                 device: torch.device | str = "cpu",
@@ -134,8 +141,7 @@ def cached_bank(cfg: Config,  # run configuration: unfreeze_blocks, bank_views, 
     build = lambda: build_bank(create_model(cfg), images, stop, cfg.bank_views, cfg.seed, cfg.rotation, cfg.zoom, device=device)
     if not use_cache:
         return build()
-    key = bank_key(images, stop, cfg.bank_views, cfg.seed, cfg.rotation, cfg.zoom, _weights_id(cfg))
-    path = default_cache_dir(cfg.cache_dir) / "banks" / f"{key}.pt"
+    path = bank_cache_path(cfg, images)
     if path.exists():
         try:
             saved = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
@@ -433,7 +439,7 @@ def embed(model: EmbeddingNet,
     if images is None and bank is None:
         raise ValueError("embed needs images or a feature bank.")
     if flip_average and images is None:
-        raise ValueError("embed(flip_average=True) needs the images: the feature bank holds no mirror images.")
+        raise ValueError("embed(flip_average=True) requires images=: the feature bank contains no mirror images.")
     if flip_average:
         bank = None
     n = len(bank.clean) if bank is not None else len(images)

@@ -95,15 +95,9 @@ def case_protocol(args, mode) -> dict:
                  mode=mode, folds=args.folds, output_dir=str(out), cache_dir=args.cache_dir, bank_views=args.bank_views,
                  unfreeze_blocks=args.unfreeze_blocks, phase1_epochs=args.epochs[0], phase2_epochs=args.epochs[1]).check()
     if mode == "cached":  # time the feature bank too, so delete a bank that an earlier run left in the cache
-        from bcembed.core import default_cache_dir
         from bcembed.crossval import prepare_data
-        from bcembed.model import N_BLOCKS
-        from bcembed.training import _weights_id, bank_key
-        images = prepare_data(cfg, progress=False)["images"]
-        key = bank_key(images, N_BLOCKS - cfg.unfreeze_blocks, cfg.bank_views, cfg.seed, cfg.rotation, cfg.zoom,
-                       _weights_id(cfg))
-        (default_cache_dir(cfg.cache_dir) / "banks" / f"{key}.pt").unlink(missing_ok=True)
-        del images
+        from bcembed.training import bank_cache_path
+        bank_cache_path(cfg, prepare_data(cfg, progress=False)["images"]).unlink(missing_ok=True)
     start = time.perf_counter()
     summary = run_crossval(cfg, progress=False)
     seconds = time.perf_counter() - start
