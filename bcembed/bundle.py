@@ -111,9 +111,14 @@ def train_bundle(cfg: Config,  # run configuration: data_dir, classes, per_class
                  ) -> Bundle:
     "Train the embedding network on every image of `cfg.data_dir`, then fit L2 + PCA, K-Means and HDBSCAN on its embeddings."
     cfg.check()
+    if cfg.ensemble_size != 1:
+        raise ValueError(f"Invalid ensemble_size={cfg.ensemble_size}: a bundle holds one network, and ensembles are a "
+                         "crossval setting; use ensemble_size=1.")
     started = time.perf_counter()
     init_distributed()
-    table = balance(scan_folder(cfg.data_dir, cfg.classes), cfg.per_class, cfg.seed)
+    table = scan_folder(cfg.data_dir, cfg.classes)
+    if not cfg.train_leftover:  # with it, every image trains and the clusterings are fitted on every image too
+        table = balance(table, cfg.per_class, cfg.seed)
     loaded = load_images(table, cfg.image_size, cfg.cache_dir)
     table, images = loaded.table, loaded.images
     _check_training_size(cfg, table)

@@ -211,7 +211,7 @@ def add_train_parser(commands) -> argparse.ArgumentParser:
     train.add_argument("--group-by", choices=("source", "none"), default="source",
                        help='"source": copies of one image stay on one side of the early-stopping split; "none": '
                             "random split (default: source)")
-    add_config_options(train, skip={"folds", "output_dir", "group_by"})
+    add_config_options(train, skip={"folds", "output_dir", "group_by", "ensemble_size"})
     train.set_defaults(handler=run_train_command)
     return train
 

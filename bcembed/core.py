@@ -60,6 +60,7 @@ class Config:
     data_dir: str = "../shared/data/busi"  # folder of class sub-folders (any depth), or a CSV manifest with path,label columns
     classes: tuple = ("benign", "malignant")  # class folder names to use, in label order
     per_class: int | None = None  # images kept per class after seeded downsampling; None keeps the smallest class's size
+    train_leftover: bool = False  # also train on the images that per-class downsampling leaves out; crossval never holds them out or scores them
     folds: int = 10  # K of the K-fold cross-validation, at least 2
     group_by: str = "source"  # "source": copies of one image stay in one fold; "none": random stratified split, as the published method used
     seed: int = 0  # seed for sampling, folds, augmentation and training
@@ -82,11 +83,13 @@ class Config:
     freeze_batchnorm: bool = True  # backbone batch norms keep their ImageNet statistics in unfrozen blocks too
     val_fraction: float = 0.1  # share of the training images held back for early stopping, in [0, 0.5)
     patience: int = 5  # epochs without validation improvement before a phase stops, at least 1
+    balanced_epochs: bool = False  # every epoch trains on an equal fresh draw from each class, the smallest class's count
     mode: str = "cached"  # "cached": reuse frozen-backbone activations; "plain": full forward pass every step
     bank_views: int = 4  # augmented views per image cached for phase 2 (cached mode), at least 1
     rotation: float = 15.0  # maximum random rotation in degrees, in [0, 180]
     zoom: float = 0.15  # maximum random zoom, as a fraction of the side, in [0, 1)
     flip_average: bool = False  # cluster the mean direction of each image's unit embedding and its mirror image's
+    ensemble_size: int = 1  # networks crossval trains per fold, with seeds seed, seed + 1, ...; it clusters the mean direction of their unit embeddings; at least 1
     pca_components: int = 16  # PCA size after L2 normalisation, at least 1; clipped to what the data allows with a warning
     k_min: int = 2  # smallest K-Means k tried, at least 2
     k_max: int = 10  # largest K-Means k tried, at least k_min
@@ -134,6 +137,8 @@ class Config:
             fail("unfreeze_blocks", "MobileNetV3-Small has 13 feature blocks; use 0 to 13")
         if not 0 <= self.val_fraction < 0.5:
             fail("val_fraction", "use a fraction in [0, 0.5)")
+        if self.ensemble_size < 1:
+            fail("ensemble_size", "use at least 1 network per fold")
         if self.patience < 1:
             fail("patience", "use at least 1 epoch")
         if self.bank_views < 1:

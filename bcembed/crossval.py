@@ -6,6 +6,7 @@
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import json
 import pickle
@@ -30,9 +31,9 @@ from .training import (cached_bank, create_model, distributed_context, embed, in
                                training_device)
 
 # %% auto #0
-__all__ = ['RUNTIME_KEYS', 'FOLD_CHECKPOINT_KEYS', 'METRIC_KEYS', 'check_against_data', 'cluster_embeddings', 'run_fold',
-           'prepare_output', 'save_fold', 'load_fold_model', 'load_fold', 'prepare_data', 'write_fold_assignments',
-           'run_crossval', 'write_results', 'write_figures']
+__all__ = ['RUNTIME_KEYS', 'FOLD_CHECKPOINT_KEYS', 'METRIC_KEYS', 'check_against_data', 'cluster_embeddings', 'training_index',
+           'ensemble_embed', 'run_fold', 'prepare_output', 'save_fold', 'load_fold_model', 'load_fold', 'prepare_data',
+           'write_fold_assignments', 'run_crossval', 'write_results', 'write_figures']
 
 # %% ../nbs/08_crossval.ipynb #ba44a366
 def check_against_data(cfg: Config, n_images: int,
@@ -66,19 +67,54 @@ def cluster_embeddings(cfg: Config, embeddings: np.ndarray, labels: np.ndarray) 
             "hdbscan_scores": clustering_scores(labels, hdb.labels_, reduced)}
 
 
+def training_index(folds: np.ndarray,  # fold of every image; -1 marks an image used for training only
+                   fold: int,  # the held-out fold
+                   groups: np.ndarray | None = None,  # source group of every image, or None to skip the group check
+                   ) -> np.ndarray:
+    "Positions of the images that train the model of `fold`: all others, less any that share a group with the fold."
+    train = np.flatnonzero(folds != fold)
+    if groups is not None:
+        train = train[~np.isin(groups[train], groups[folds == fold])]
+    return train
+
+
+def ensemble_embed(models: list,  # trained EmbeddingNet networks
+                   index: np.ndarray,  # pool positions to embed
+                   images=None, bank=None,  # as for `embed`
+                   flip_average: bool = False,  # as for `embed`
+                   ) -> np.ndarray:
+    "Embed `index` with every network of `models`; several networks give the mean direction of their unit embeddings."
+    if len(models) == 1:
+        return embed(models[0], index, images=images, bank=bank, flip_average=flip_average)
+    unit = lambda z: z / np.maximum(np.linalg.norm(z, axis=1, keepdims=True), 1e-12)
+    return unit(np.mean([unit(embed(m, index, images=images, bank=bank, flip_average=flip_average)) for m in models],
+                        axis=0)).astype(np.float32)
+
+
 def run_fold(cfg: Config, fold: int, folds: np.ndarray, labels: np.ndarray, images=None, bank=None, groups=None,
              n_classes: int | None = None, progress: bool = True, score: bool = True) -> dict:
     "Train on every fold but `fold`, then (when `score`) embed, cluster and score the images of `fold`."
     started = time.perf_counter()
-    train_index, test_index = np.flatnonzero(folds != fold), np.flatnonzero(folds == fold)
-    result = train_embedding(cfg, labels, train_index, images=images, bank=bank, groups=groups,
-                             n_classes=n_classes, progress=progress)
+    train_index, test_index = training_index(folds, fold, groups), np.flatnonzero(folds == fold)
+    members, history, notes = [], [], []
+    for member in range(cfg.ensemble_size):  # network m trains with seed + m
+        result = train_embedding(dataclasses.replace(cfg, seed=cfg.seed + member), labels, train_index, images=images,
+                                 bank=bank, groups=groups, n_classes=n_classes, progress=progress)
+        members.append(result)
+        if cfg.ensemble_size == 1:
+            history, notes = result.history, result.notes
+        else:
+            history += [dict(h, network=member) for h in result.history]
+            notes += [f"network {member}: {note}" for note in result.notes]
+    networks = [(r.model, r.head) for r in members]
     if not score:
-        return {"fold": fold, "model": result.model, "head": result.head, "history": result.history}
-    embeddings = embed(result.model, test_index, images=images, bank=bank, flip_average=cfg.flip_average)
+        return {"fold": fold, "model": networks[0][0], "head": networks[0][1], "networks": networks, "history": history}
+    embeddings = ensemble_embed([m for m, _ in networks], test_index, images=images, bank=bank,
+                                flip_average=cfg.flip_average)
     clusters = cluster_embeddings(cfg, embeddings, labels[test_index])
-    return {"fold": fold, "index": test_index, "embeddings": embeddings, "model": result.model, "head": result.head,
-            "history": result.history, "notes": result.notes, "seconds": time.perf_counter() - started, **clusters}
+    return {"fold": fold, "index": test_index, "embeddings": embeddings, "model": networks[0][0], "head": networks[0][1],
+            "networks": networks, "history": history, "notes": notes, "seconds": time.perf_counter() - started,
+            **clusters}
 
 # %% ../nbs/08_crossval.ipynb #0ffe6a49
 RUNTIME_KEYS = {"output_dir", "cache_dir", "device", "num_workers"}  # keys a resumed run may change (num_workers: older runs)
@@ -131,8 +167,10 @@ def save_fold(out: Path, record: dict) -> None:
              kmeans_labels=record["kmeans"].labels_, hdbscan_labels=record["hdbscan"].labels_)
     from bcembed.core import atomic_write_bytes
     atomic_write_bytes(out / "folds" / f"fold_{fold:02d}.npz", buffer.getvalue())
-    atomic_torch_save(out / "models" / f"fold_{fold:02d}.pt",
-                      {"model": record["model"].state_dict(), "head": record["head"].state_dict(), "fold": fold})
+    checkpoint = {"model": record["model"].state_dict(), "head": record["head"].state_dict(), "fold": fold}
+    if len(record.get("networks", ())) > 1:  # an ensemble: the first network above, the others here
+        checkpoint["more_networks"] = [{"model": m.state_dict(), "head": h.state_dict()} for m, h in record["networks"][1:]]
+    atomic_torch_save(out / "models" / f"fold_{fold:02d}.pt", checkpoint)
     atomic_write_json(out / "folds" / f"fold_{fold:02d}.json", {
         "fold": fold, "kmeans": _json_scores(record["kmeans_scores"]), "hdbscan": _json_scores(record["hdbscan_scores"]),
         "k": int(record["kmeans"].k_), "silhouette_curve": {str(k): v for k, v in record["kmeans"].silhouette_curve_.items()},
@@ -146,6 +184,7 @@ FOLD_CHECKPOINT_KEYS = ("fold", "head", "model")
 def load_fold_model(path: str | Path,  # a models/fold_NN.pt file written by save_fold
                     cfg: Config,  # the run's configuration: embedding_dim, head_hidden, dropout, loss, margin, scale, classes
                     device: str | torch.device = "cpu",
+                    network: int = 0,  # which network of an ensemble (ensemble_size > 1), from 0
                     ) -> tuple:
     "Rebuild a fold's embedding network and margin head from its checkpoint; return (model, head) in eval mode."
     path = Path(path)
@@ -161,6 +200,11 @@ def load_fold_model(path: str | Path,  # a models/fold_NN.pt file written by sav
         found = sorted(saved)[:5] if isinstance(saved, dict) else type(saved).__name__
         raise ValueError(f"{str(path)!r} is not a bcembed fold checkpoint: expected a dict with keys "
                          f"{list(FOLD_CHECKPOINT_KEYS)}, found {found}.")
+    stored = [saved] + list(saved.get("more_networks", []))
+    if not 0 <= network < len(stored):
+        raise ValueError(f"Invalid network={network}: {str(path)!r} holds {len(stored)} network(s); "
+                         f"use network in 0..{len(stored) - 1}.")
+    saved = stored[network]
     model = EmbeddingNet(cfg.embedding_dim, cfg.head_hidden, cfg.dropout, weights=None)
     head = make_head(cfg.loss, cfg.embedding_dim, len(cfg.classes), cfg.margin, cfg.scale)
     try:
@@ -183,9 +227,9 @@ def load_fold(out: Path, fold: int) -> dict | None:
         meta.update({key: arrays[key] for key in arrays.files})
     return meta
 
-# %% ../nbs/08_crossval.ipynb #9ce3df2d
+# %% ../nbs/08_crossval.ipynb #de1ab1a2
 def prepare_data(cfg: Config, progress: bool = True) -> dict:
-    "Scan, balance and decode the images of `cfg`, compute source groups and the fold of every image."
+    "Scan, balance and decode the images of `cfg`, compute source groups and the fold of every image (-1: training only)."
     loaded = load_images(scan_folder(cfg.data_dir, cfg.classes), cfg.image_size, cfg.cache_dir)
     # Balancing the readable images, not the scanned files, keeps an unreadable file from unbalancing the classes.
     keep = balance_index(loaded.table, cfg.per_class, cfg.seed)
@@ -198,7 +242,21 @@ def prepare_data(cfg: Config, progress: bool = True) -> dict:
                        cfg.folds, cfg.seed)
     # Grouped folds differ in size; the K-Means range must fit the smallest one.
     check_against_data(cfg, len(table), smallest_fold=int(np.bincount(folds, minlength=cfg.folds).min()))
-    return {"table": table, "images": images, "skipped": loaded.skipped, "groups": groups, "folds": folds}
+    data = {"table": table, "images": images, "skipped": loaded.skipped, "groups": groups, "folds": folds}
+    if cfg.train_leftover and len(keep) < len(loaded.table):
+        data = _with_leftover(data, loaded, keep)
+    return data
+
+
+def _with_leftover(data: dict, loaded, keep: np.ndarray) -> dict:
+    "Add the images that balancing left out as training-only images (fold -1), grouped together with all the others."
+    folds = np.full(len(loaded.table), -1, dtype=np.int64)
+    folds[keep] = data["folds"]
+    leftover = loaded.table.subset(folds < 0)
+    logger.info("Training also on %d images that balancing left out (%s); they are never held out or scored.",
+                len(leftover), ", ".join(f"{n} {name}" for name, n in leftover.counts().items()))
+    groups = source_groups(loaded.table.paths, loaded.images)
+    return {**data, "table": loaded.table, "images": loaded.images, "groups": groups, "folds": folds}
 
 
 def write_fold_assignments(out: Path, data: dict) -> None:
@@ -252,7 +310,7 @@ def run_crossval(cfg: Config,  # the run's configuration
             continue
         # Every process trains (each on its share of every batch); the first one embeds, clusters and writes.
         record = run_fold(cfg, fold, folds, labels, images=images, bank=bank,
-                          groups=data["groups"] if cfg.group_by == "source" else None,
+                          groups=data["groups"] if cfg.group_by == "source" or cfg.train_leftover else None,
                           n_classes=len(table.class_names), progress=progress, score=rank == 0)
         if rank == 0:
             save_fold(out, record)
@@ -276,10 +334,12 @@ METRIC_KEYS = ("accuracy", "f1", "ari", "nmi", "silhouette", "noise_fraction")
 
 def write_results(cfg: Config, out: Path, data: dict, records: list, seconds: float) -> dict:
     "Write per-fold tables, the per-image table, the summary and the figures of a finished run."
-    table = data["table"]
-    summary = {"folds": cfg.folds, "images": len(table), "per_class": table.counts(), "skipped_images": len(data["skipped"]),
-               "skipped": [{"path": p, "reason": r} for p, r in data["skipped"]], "wall_seconds_this_session": seconds,
-               "fold_seconds": [r["seconds"] for r in records], "source_groups": int(len(np.unique(data["groups"])))}
+    table, scored = data["table"], data["folds"] >= 0
+    summary = {"folds": cfg.folds, "images": int(scored.sum()), "per_class": table.subset(scored).counts(),
+               "training_only_per_class": table.subset(~scored).counts(),
+               "skipped_images": len(data["skipped"]), "skipped": [{"path": p, "reason": r} for p, r in data["skipped"]],
+               "wall_seconds_this_session": seconds, "fold_seconds": [r["seconds"] for r in records],
+               "source_groups": int(len(np.unique(data["groups"][scored])))}
     for method in ("kmeans", "hdbscan"):
         rows = [dict(r[method], fold=r["fold"]) for r in records]
         header = ["fold"] + list(METRIC_KEYS) + ["n_clusters"]
@@ -357,7 +417,7 @@ def write_figures(cfg: Config, out: Path, table, records: list) -> None:
     fig = Figure(figsize=(7, 4))
     ax = fig.subplots()
     for r in records:
-        history = r["history"]
+        history = [h for h in r["history"] if h.get("network", 0) == 0]  # an ensemble's first network
         line, = ax.plot(range(1, len(history) + 1), [h["val_loss"] for h in history], lw=1, label=f"fold {r['fold']}")
         phase2 = [i for i, h in enumerate(history, 1) if h.get("phase") == 2]
         start_loss = history[phase2[0] - 1]["val_loss"] if phase2 else None  # None without a validation split

@@ -32,7 +32,7 @@ from .model import (N_BLOCKS, EmbeddingNet, frozen_prefix_length, set_train_mode
 # %% auto #0
 __all__ = ['FeatureBank', 'bank_key', 'build_bank', 'create_model', 'bank_checksum', 'bank_cache_path', 'cached_bank',
            'validation_split', 'torch_threads', 'autocast_context', 'distributed_context', 'init_distributed',
-           'training_device', 'TrainResult', 'train_embedding', 'embed']
+           'training_device', 'TrainResult', 'epoch_order', 'train_embedding', 'embed']
 
 # %% ../nbs/05_training.ipynb #b8e95b27
 @dataclass
@@ -265,6 +265,21 @@ class _LossStep(nn.Module):
         return self.head.loss(z, y)
 
 
+def epoch_order(fit: np.ndarray,  # pool positions of the training images
+                labels: torch.Tensor,  # label of every pool image
+                balanced: bool,  # draw the smallest class's count from every class
+                generator: torch.Generator,  # source of the epoch's randomness
+                ) -> torch.Tensor:
+    "Return the pool positions one epoch trains on, in random order: all of `fit`, or an equal fresh draw per class."
+    fit = torch.as_tensor(fit)
+    if balanced:
+        fit_labels = labels[fit]
+        members = [fit[fit_labels == label] for label in torch.unique(fit_labels)]
+        n = min(len(m) for m in members)
+        fit = torch.cat([m[torch.randperm(len(m), generator=generator)[:n]] for m in members])
+    return fit[torch.randperm(len(fit), generator=generator)]
+
+
 class _Trainer:
     "Holds what the steps of one training run share: data, device, modules, randomness."
 
@@ -310,7 +325,7 @@ class _Trainer:
         for epoch in bar:
             started = time.perf_counter()
             set_train_mode(model, True, cfg.freeze_batchnorm); head.train()
-            order = torch.as_tensor(self.fit)[torch.randperm(len(self.fit), generator=self.generator)]
+            order = epoch_order(self.fit, self.labels, cfg.balanced_epochs, self.generator)
             losses, finite = [], True
             for start in range(0, len(order), cfg.batch_size):
                 index = order[start:start + cfg.batch_size]

@@ -15,8 +15,7 @@ from pathlib import Path
 import numpy as np
 
 from bcembed.core import Config, set_threads
-from bcembed.crossval import cluster_embeddings, load_fold_model, prepare_data
-from bcembed.training import embed
+from bcembed.crossval import cluster_embeddings, ensemble_embed, load_fold_model, prepare_data
 
 
 def main() -> None:
@@ -32,10 +31,11 @@ def main() -> None:
     labels, folds, images = data["table"].labels, data["folds"], data["images"]
     scores = {"without_flip": [], "with_flip": []}
     for fold in range(cfg.folds):
-        model, _ = load_fold_model(run / "models" / f"fold_{fold:02d}.pt", cfg)
+        checkpoint = run / "models" / f"fold_{fold:02d}.pt"
+        models = [load_fold_model(checkpoint, cfg, network=m)[0] for m in range(cfg.ensemble_size)]
         index = np.flatnonzero(folds == fold)
         for name, flip in (("without_flip", False), ("with_flip", True)):
-            embeddings = embed(model, index, images=images, flip_average=flip)
+            embeddings = ensemble_embed(models, index, images=images, flip_average=flip)
             scores[name].append(cluster_embeddings(cfg, embeddings, labels[index])["kmeans_scores"]["accuracy"])
     print(json.dumps({"run": str(run), "flip_average_in_run": cfg.flip_average,
                       **{f"{name}_mean": round(float(np.mean(values)), 4) for name, values in scores.items()},
