@@ -118,6 +118,7 @@ def run_crossval_command(args: argparse.Namespace) -> int:
         summary = run_crossval(cfg)
     else:
         import papermill
+        from traitlets.config import Config as TraitletsConfig
         notebook = experiment_notebook("crossval")
         out = Path(cfg.output_dir)
         out.mkdir(parents=True, exist_ok=True)
@@ -131,8 +132,11 @@ def run_crossval_command(args: argparse.Namespace) -> int:
         parameters["progress"] = False
         executed = out / "crossval.ipynb"
         try:
+            # The kernel runs on this machine. "auto" encrypts its sockets with CurveZMQ where pyzmq supports it,
+            # which also stops ipykernel from warning about unencrypted TCP at every run.
             papermill.execute_notebook(str(notebook), str(executed), parameters=parameters,
-                                       kernel_name="python3", progress_bar=False, log_output=True)
+                                       kernel_name="python3", progress_bar=False, log_output=True,
+                                       config=TraitletsConfig({"KernelManager": {"transport_encryption": "auto"}}))
         except BaseException as error:
             # Keep the partly executed notebook for its traceback, under a name no one takes for a result.
             failed = out / "crossval.failed.ipynb"
