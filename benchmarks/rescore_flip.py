@@ -2,10 +2,12 @@
 
 Reads <run>/config.json and <run>/models/fold_NN.pt, embeds each held-out fold both ways, and clusters and
 scores the embeddings exactly as the run did. This isolates what `flip_average` adds to the same trained models.
+For a run with `ensemble_size` > 1, both ways use the whole ensemble; `--each-network` also scores every network
+of the ensemble alone (with the run's own `flip_average`), which shows what averaging the networks adds.
 
 Usage:
-  python benchmarks/rescore_flip.py runs/busi-plain-flip
-Prints one JSON line with the per-fold and mean K-Means accuracy of both embeddings.
+  python benchmarks/rescore_flip.py runs/busi-plain-flip [--each-network]
+Prints one JSON line with the per-fold and mean K-Means accuracy of each embedding.
 """
 import argparse
 import dataclasses
@@ -21,6 +23,7 @@ from bcembed.crossval import cluster_embeddings, ensemble_embed, load_fold_model
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("run", help="output folder of a finished run, with its models/ folder")
+    parser.add_argument("--each-network", action="store_true", help="also score every network of an ensemble alone")
     args = parser.parse_args()
     run = Path(args.run)
     saved = json.loads((run / "config.json").read_text())["config"]
@@ -29,15 +32,19 @@ def main() -> None:
     set_threads()
     data = prepare_data(cfg, progress=False)
     labels, folds, images = data["table"].labels, data["folds"], data["images"]
-    scores = {"without_flip": [], "with_flip": []}
+    ways = {"without_flip": (None, False), "with_flip": (None, True)}
+    if args.each_network:
+        ways.update({f"network_{m}": (m, cfg.flip_average) for m in range(cfg.ensemble_size)})
+    scores = {name: [] for name in ways}
     for fold in range(cfg.folds):
         checkpoint = run / "models" / f"fold_{fold:02d}.pt"
         models = [load_fold_model(checkpoint, cfg, network=m)[0] for m in range(cfg.ensemble_size)]
         index = np.flatnonzero(folds == fold)
-        for name, flip in (("without_flip", False), ("with_flip", True)):
-            embeddings = ensemble_embed(models, index, images=images, flip_average=flip)
+        for name, (network, flip) in ways.items():
+            chosen = models if network is None else [models[network]]
+            embeddings = ensemble_embed(chosen, index, images=images, flip_average=flip)
             scores[name].append(cluster_embeddings(cfg, embeddings, labels[index])["kmeans_scores"]["accuracy"])
-    print(json.dumps({"run": str(run), "flip_average_in_run": cfg.flip_average,
+    print(json.dumps({"run": str(run), "flip_average_in_run": cfg.flip_average, "ensemble_size": cfg.ensemble_size,
                       **{f"{name}_mean": round(float(np.mean(values)), 4) for name, values in scores.items()},
                       **{f"{name}_per_fold": [round(v, 3) for v in values] for name, values in scores.items()}}))
 
