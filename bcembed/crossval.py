@@ -9,7 +9,6 @@ import csv
 import dataclasses
 import io
 import json
-import pickle
 import platform
 import time
 from pathlib import Path
@@ -193,7 +192,7 @@ def load_fold_model(path: str | Path,  # a models/fold_NN.pt file written by sav
                                 "<output_dir>/models/fold_NN.pt.")
     try:
         saved = torch.load(path, map_location="cpu", weights_only=True)
-    except (pickle.UnpicklingError, RuntimeError, EOFError, OSError, ValueError) as error:
+    except Exception as error:  # damaged bytes raise many types in the unpickler, KeyError among them
         raise ValueError(f"{str(path)!r} is not a bcembed fold checkpoint: torch.load(weights_only=True) failed "
                          f"({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}).") from error
     if not isinstance(saved, dict) or not set(FOLD_CHECKPOINT_KEYS) <= set(saved):
