@@ -112,8 +112,8 @@ def train_bundle(cfg: Config,  # run configuration: data_dir, classes, per_class
     "Train the embedding network on every image of `cfg.data_dir`, then fit L2 + PCA, K-Means and HDBSCAN on its embeddings."
     cfg.check()
     if cfg.ensemble_size != 1:
-        raise ValueError(f"Invalid ensemble_size={cfg.ensemble_size}: a bundle holds one network, and ensembles are a "
-                         "crossval setting; use ensemble_size=1.")
+        raise ValueError(f"Invalid ensemble_size={cfg.ensemble_size}: a bundle contains one network, and ensembles are "
+                         "a crossval setting; use ensemble_size=1.")
     started = time.perf_counter()
     init_distributed()
     table = scan_folder(cfg.data_dir, cfg.classes)

@@ -60,7 +60,7 @@ class Config:
     data_dir: str = "../shared/data/busi"  # folder of class sub-folders (any depth), or a CSV manifest with path,label columns
     classes: tuple = ("benign", "malignant")  # class folder names to use, in label order
     per_class: int | None = None  # images kept per class after seeded downsampling; None keeps the smallest class's size
-    train_leftover: bool = False  # also train on the images that per-class downsampling leaves out; crossval never holds them out or scores them
+    train_leftover: bool = False  # also train on the images that per-class downsampling leaves out; crossval never scores them or puts them in a held-out fold
     folds: int = 10  # K of the K-fold cross-validation, at least 2
     group_by: str = "source"  # "source": copies of one image stay in one fold; "none": random stratified split, as the published method used
     seed: int = 0  # seed for sampling, folds, augmentation and training

@@ -70,7 +70,7 @@ def training_index(folds: np.ndarray,  # fold of every image; -1 marks an image 
                    fold: int,  # the held-out fold
                    groups: np.ndarray | None = None,  # source group of every image, or None to skip the group check
                    ) -> np.ndarray:
-    "Positions of the images that train the model of `fold`: all others, less any that share a group with the fold."
+    "Return the positions of the images that train the model of `fold`: all others, less any sharing a group with it."
     train = np.flatnonzero(folds != fold)
     if groups is not None:
         train = train[~np.isin(groups[train], groups[folds == fold])]
@@ -201,7 +201,7 @@ def load_fold_model(path: str | Path,  # a models/fold_NN.pt file written by sav
                          f"{list(FOLD_CHECKPOINT_KEYS)}, found {found}.")
     stored = [saved] + list(saved.get("more_networks", []))
     if not 0 <= network < len(stored):
-        raise ValueError(f"Invalid network={network}: {str(path)!r} holds {len(stored)} network(s); "
+        raise ValueError(f"Invalid network={network}: {str(path)!r} contains {len(stored)} network(s); "
                          f"use network in 0..{len(stored) - 1}.")
     saved = stored[network]
     model = EmbeddingNet(cfg.embedding_dim, cfg.head_hidden, cfg.dropout, weights=None)

@@ -46,8 +46,8 @@ def main() -> None:
     reference = per_run[0]
     for run, images in zip(runs[1:], per_run[1:]):
         if {p: v[:2] for p, v in images.items()} != {p: v[:2] for p, v in reference.items()}:
-            raise SystemExit(f"{run} holds out other images or folds than {runs[0]}; combine runs with the same data, "
-                             "seed, folds and grouping.")
+            raise SystemExit(f"Invalid run {run}: its held-out images or folds differ from those of {runs[0]}. Combine "
+                             "runs with the same data, seed, folds and grouping.")
     names = sorted({label for _, label, _ in reference.values()})
     results = []
     for size in range(1, len(runs) + 1):

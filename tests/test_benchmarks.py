@@ -1,4 +1,4 @@
-"""The benchmark scripts on small phantom runs with the ImageNet weights: known answers."""
+"""Tests of the benchmark scripts on small phantom runs with the ImageNet weights, against known values."""
 import json
 import subprocess
 import sys
@@ -50,4 +50,4 @@ def test_combine_runs_reproduces_each_run_and_averages(phantom_runs, tmp_path):
 def test_combine_runs_refuses_other_folds(phantom_runs):
     result = combine(phantom_runs["a"][0], phantom_runs["other_folds"][0])
     assert result.returncode != 0
-    assert "holds out other images or folds" in result.stderr
+    assert "held-out images or folds differ" in result.stderr
